@@ -1,0 +1,150 @@
+"""A plain multi-scale residual k-means quantizer (RQ-KMeans, as in Kuaishou's QARM).
+
+Each scale quantizes the same embedding independently with ``levels`` greedy steps:
+level 0 assigns the nearest centre, level l assigns the nearest code of the residual
+left by levels < l. Codebooks are fitted with faiss k-means, level by level. It has no
+learned encoder: it is the baseline the learned MmDict quantizer must beat.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from quantizer.base import SCALE_NAMES, check_codes, check_input
+
+
+@dataclass
+class ResidualKMeansConfig:
+    # Codebook size per scale, coarse to fine; every scale has `levels` levels.
+    scale_sizes: list[int] = field(default_factory=lambda: [16, 64, 256])
+    # Residual levels per scale: 2 = a center code, then a residual code.
+    levels: int = 2
+    kmeans_iters: int = 25
+    seed: int = 0
+    # Rows encoded per batch (bounds memory at batch x max codebook size floats).
+    batch_size: int = 65_536
+
+    def __post_init__(self) -> None:
+        if not self.scale_sizes or len(self.scale_sizes) > len(SCALE_NAMES):
+            raise ValueError(f"scale_sizes: 1..{len(SCALE_NAMES)} scales, got {self.scale_sizes}")
+        if any(k < 2 for k in self.scale_sizes) or self.levels < 1:
+            raise ValueError(f"codebook sizes must be >= 2 and levels >= 1, got "
+                             f"{self.scale_sizes} x {self.levels}")
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code (squared L2), ties to the lowest index.
+
+    Args: x: (n, d); codebook: (k, d). Returns: (n,) int64.
+    """
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every code.
+    scores = codebook.pow(2).sum(1)[None, :] - 2.0 * (x @ codebook.T)  # (n, k)
+    return scores.argmin(1)
+
+
+class ResidualKMeansQuantizer:
+    """Multi-scale residual k-means: ``len(scale_sizes) x levels`` codes per item.
+
+    Example::
+
+        rq = ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[16, 64, 256]))
+        codes = rq.fit(x).encode(x)        # (n, 6) int64: code_s_0, code_s_1, code_m_0, ...
+        x_hat = rq.decode(codes)           # (n, d), the finest scale's reconstruction
+    """
+
+    kind = "residual_kmeans"
+
+    def __init__(self, config: ResidualKMeansConfig | None = None) -> None:
+        self.config = config or ResidualKMeansConfig()
+        cfg = self.config
+        self.code_names = [f"code_{SCALE_NAMES[s]}_{lvl}"
+                           for s in range(len(cfg.scale_sizes)) for lvl in range(cfg.levels)]
+        self.codebook_sizes = [k for k in cfg.scale_sizes for _ in range(cfg.levels)]
+        self.codebooks: list[np.ndarray] = []  # one (k, d) per code column
+        self.dim: int | None = None
+
+    def fit(self, x: np.ndarray) -> "ResidualKMeansQuantizer":
+        import faiss
+
+        x = check_input(x)
+        cfg = self.config
+        self.dim = x.shape[1]
+        self.codebooks = []
+        for s, k in enumerate(cfg.scale_sizes):
+            residual = x.copy()
+            for level in range(cfg.levels):
+                if len(residual) < k:
+                    raise ValueError(
+                        f"scale {SCALE_NAMES[s]}: codebook of {k} codes needs at least {k} "
+                        f"training rows, got {len(residual)}"
+                    )
+                km = faiss.Kmeans(self.dim, k, niter=cfg.kmeans_iters,
+                                  seed=cfg.seed + 1000 * s + level, verbose=False)
+                km.train(np.ascontiguousarray(residual))
+                codebook = km.centroids.astype(np.float32)
+                idx = nearest_code(torch.from_numpy(residual), torch.from_numpy(codebook)).numpy()
+                residual -= codebook[idx]
+                self.codebooks.append(codebook)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not self.codebooks:
+            raise RuntimeError("quantizer is not fitted: call fit(x) or load(dir) first")
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        x = check_input(x, self.dim)
+        cfg = self.config
+        codes = np.empty((len(x), len(self.codebooks)), dtype=np.int64)
+        books = [torch.from_numpy(c) for c in self.codebooks]
+        for start in range(0, len(x), cfg.batch_size):
+            xb = torch.from_numpy(x[start:start + cfg.batch_size])
+            j = 0
+            for _ in cfg.scale_sizes:
+                residual = xb.clone()
+                for _ in range(cfg.levels):
+                    idx = nearest_code(residual, books[j])
+                    residual -= books[j][idx]
+                    codes[start:start + len(xb), j] = idx.numpy()
+                    j += 1
+        return codes
+
+    def decode(self, codes: np.ndarray, *, scale: int = -1) -> np.ndarray:
+        """Sum of the codewords of one scale (the finest by default)."""
+        self._check_fitted()
+        codes = check_codes(codes, self.codebook_sizes)
+        levels = self.config.levels
+        s = scale % len(self.config.scale_sizes)
+        out = np.zeros((len(codes), self.dim), dtype=np.float32)
+        for level in range(levels):
+            j = s * levels + level
+            out += self.codebooks[j][codes[:, j]]
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({f"codebook_{j}": c for j, c in enumerate(self.codebooks)},
+                  str(directory / "codebooks.safetensors"))
+        meta = {"kind": self.kind, "dim": self.dim, "config": asdict(self.config)}
+        (directory / "quantizer.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ResidualKMeansQuantizer":
+        directory = Path(directory)
+        meta = json.loads((directory / "quantizer.json").read_text())
+        if meta.get("kind") != cls.kind:
+            raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {cls.kind!r}")
+        quantizer = cls(ResidualKMeansConfig(**meta["config"]))
+        tensors = load_file(str(directory / "codebooks.safetensors"))
+        quantizer.codebooks = [tensors[f"codebook_{j}"] for j in range(len(quantizer.codebook_sizes))]
+        quantizer.dim = int(meta["dim"])
+        return quantizer
