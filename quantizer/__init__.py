@@ -1,6 +1,7 @@
 """Embedding -> discrete IDs: quantizers behind one ``fit / encode / decode`` interface."""
 
 from quantizer.base import Quantizer, encode_items, item_codes_frame, total_bits
+from quantizer.metrics import quantizer_metrics
 from quantizer.residual_kmeans import (
     ResidualKMeansConfig,
     ResidualKMeansQuantizer,
@@ -8,6 +9,6 @@ from quantizer.residual_kmeans import (
 )
 
 __all__ = [
-    "Quantizer", "encode_items", "item_codes_frame", "total_bits",
+    "Quantizer", "encode_items", "item_codes_frame", "total_bits", "quantizer_metrics",
     "ResidualKMeansConfig", "ResidualKMeansQuantizer", "nearest_code",
 ]

@@ -45,7 +45,9 @@ def check_input(x: np.ndarray, dim: int | None = None, *, what: str = "x") -> np
         raise ValueError(f"{what}: expected an (n, d) matrix, got shape {x.shape}")
     if x.shape[0] == 0:
         raise ValueError(f"{what}: empty input (0 rows)")
-    return validate_embedding_matrix(x, what, expected_dim=dim)
+    x = validate_embedding_matrix(x, what, expected_dim=dim)
+    # torch.from_numpy needs a writable buffer; arrays read from parquet may be read-only.
+    return x if x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C")
 
 
 def check_codes(codes: np.ndarray, codebook_sizes: list[int]) -> np.ndarray:

@@ -85,7 +85,8 @@ class ResidualKMeansQuantizer:
                         f"training rows, got {len(residual)}"
                     )
                 km = faiss.Kmeans(self.dim, k, niter=cfg.kmeans_iters,
-                                  seed=cfg.seed + 1000 * s + level, verbose=False)
+                                  seed=cfg.seed + 1000 * s + level, verbose=False,
+                                  min_points_per_centroid=1)
                 km.train(np.ascontiguousarray(residual))
                 codebook = km.centroids.astype(np.float32)
                 idx = nearest_code(torch.from_numpy(residual), torch.from_numpy(codebook)).numpy()

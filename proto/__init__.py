@@ -1,0 +1,1 @@
+"""The wire contract: protobuf definitions and generated gRPC stubs."""

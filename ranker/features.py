@@ -1,0 +1,211 @@
+"""From contract frames to model inputs: id vocabularies, item content tables, and
+``KeyedJaggedTensor`` batches.
+
+Every sparse feature here has exactly one id per example, so a batch of B examples
+over F features is a KJT with F * B lengths of 1, values laid out feature-major::
+
+    keys     user_id            item_id            code_s_0
+    values   [u0  u1  u2]       [i0  i1  i2]       [c0  c1  c2]
+    lengths  [1   1   1 ]       [1   1   1 ]       [1   1   1 ]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mmdata.contracts import DataContractError, context_columns
+
+OOV_ROW = 0
+
+
+@dataclass
+class IdVocab:
+    """Raw ids -> embedding rows. Row 0 is shared by every id outside the vocabulary.
+
+    The out-of-vocabulary row is trained: ids seen fewer than ``min_count`` times map
+    to it, and so does a random share of item ids during training (see
+    ``RankerConfig.item_id_dropout``), so a cold item never meets an untrained row.
+    """
+
+    # Sorted raw ids that own a row; id ids[k] lives in row k + 1.
+    ids: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray, *, min_count: int = 1) -> "IdVocab":
+        uniq, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
+        return cls(uniq[counts >= min_count])
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self.ids) + 1
+
+    def rows(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.int64)
+        if not len(self.ids):
+            return np.zeros(len(values), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, values), len(self.ids) - 1)
+        return np.where(self.ids[pos] == values, pos + 1, OOV_ROW).astype(np.int64)
+
+
+@dataclass
+class ItemContent:
+    """What the ranker may know of each item's content, row-aligned by ``item_ids``.
+
+    Args:
+        item_ids: (n,) int64, any order.
+        vectors: (n, d) float32 dense content (the embedding, or its reconstruction), or None.
+        codes: (n, c) int64 content IDs, or None.
+        code_names: the c code column names.
+        codebook_sizes: the c codebook sizes (embedding rows per code feature).
+    """
+
+    item_ids: np.ndarray
+    vectors: np.ndarray | None = None
+    codes: np.ndarray | None = None
+    code_names: list[str] = field(default_factory=list)
+    codebook_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
+        self._order = np.argsort(self.item_ids, kind="stable")
+        self._sorted = self.item_ids[self._order]
+
+    def rows(self, item_ids: np.ndarray, *, where: str = "events") -> np.ndarray:
+        """Row of each item id; an item without content is an error naming it."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, item_ids), max(len(self._sorted) - 1, 0))
+        found = self._sorted[pos] == item_ids if len(self._sorted) else np.zeros(len(item_ids), bool)
+        if not found.all():
+            missing = np.unique(item_ids[~found])
+            raise DataContractError(
+                f"{where}: {len(missing)} item_id values have no item embedding/codes "
+                f"(first: {missing[:5].tolist()})"
+            )
+        return self._order[pos]
+
+
+@dataclass
+class EncodedEvents:
+    """Events as model-ready tensors (one row per event).
+
+    Args:
+        sparse: (N, F) int64 embedding rows, columns in ``FeatureEncoder.sparse_names``
+            order minus the code features (codes are gathered per batch from the item).
+        content_row: (N,) int64 row of the event's item in the ``ItemContent`` tables.
+        dense_ctx: (N, Dc) float32 standardized ``dense_*`` context.
+        labels: (N,) float32.
+        is_cold: (N,) bool, the item had no training event.
+    """
+
+    sparse: torch.Tensor
+    content_row: torch.Tensor
+    dense_ctx: torch.Tensor
+    labels: torch.Tensor
+    is_cold: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def kjt_from_columns(keys: list[str], columns: list[torch.Tensor]) -> KeyedJaggedTensor:
+    """One id per example per feature -> KJT. columns[f]: (B,) int64."""
+    batch = len(columns[0]) if columns else 0
+    values = torch.cat(columns) if columns else torch.empty(0, dtype=torch.int64)  # (F * B,)
+    lengths = torch.ones(len(keys) * batch, dtype=torch.int32)
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+
+
+class FeatureEncoder:
+    """Fitted on the training events; turns any events frame into ``EncodedEvents``
+    and index batches into ``(dense, kjt, labels)``.
+
+    Args:
+        train: training events (contract frame).
+        content: the items' content tables.
+        use_codes: feed the item's content IDs as sparse features.
+        use_dense_content: feed the item's content vector as dense input.
+        min_count: ids seen fewer times in training share the out-of-vocabulary row.
+    """
+
+    def __init__(self, train: pl.DataFrame, content: ItemContent, *, use_codes: bool,
+                 use_dense_content: bool, min_count: int = 1) -> None:
+        if use_codes and content.codes is None:
+            raise ValueError("use_codes=True needs ItemContent.codes")
+        if use_dense_content and content.vectors is None:
+            raise ValueError("use_dense_content=True needs ItemContent.vectors")
+        self.content = content
+        self.use_codes = use_codes
+        self.use_dense_content = use_dense_content
+        self.cat_names, self.dense_names = context_columns(train)
+        self.vocabs = {"user_id": IdVocab.fit(train["user_id"].to_numpy(), min_count=min_count),
+                       "item_id": IdVocab.fit(train["item_id"].to_numpy(), min_count=min_count)}
+        for name in self.cat_names:
+            self.vocabs[name] = IdVocab.fit(train[name].to_numpy(), min_count=min_count)
+        if self.dense_names:
+            ctx = train.select(self.dense_names).to_numpy().astype(np.float64)
+            self.dense_mean = ctx.mean(0).astype(np.float32)
+            self.dense_std = np.maximum(ctx.std(0), 1e-6).astype(np.float32)
+        self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
+        self.code_names = list(content.code_names) if use_codes else []
+        self.sparse_names = self.id_names + self.code_names
+        self._codes = torch.from_numpy(content.codes) if use_codes else None
+        self._vectors = torch.from_numpy(content.vectors) if use_dense_content else None
+
+    @property
+    def sparse_sizes(self) -> list[int]:
+        """Embedding rows per sparse feature, in ``sparse_names`` order."""
+        sizes = [v.num_embeddings for v in self.vocabs.values()]
+        return sizes + (list(self.content.codebook_sizes) if self.use_codes else [])
+
+    @property
+    def dense_in_features(self) -> int:
+        width = len(self.dense_names)
+        if self.use_dense_content:
+            width += self.content.vectors.shape[1]
+        return max(width, 1)  # DLRM needs a dense input; a constant zero when there is none
+
+    def encode(self, events: pl.DataFrame, *, where: str = "events") -> EncodedEvents:
+        n = events.height
+        sparse = np.stack([self.vocabs[name].rows(events[name].to_numpy())
+                           for name in self.id_names], axis=1) if n else np.zeros((0, len(self.id_names)), np.int64)
+        if self.dense_names:
+            ctx = (events.select(self.dense_names).to_numpy().astype(np.float32)
+                   - self.dense_mean) / self.dense_std
+        else:
+            ctx = np.zeros((n, 0), dtype=np.float32)
+        is_cold = events["is_cold"].to_numpy() if "is_cold" in events.columns \
+            else sparse[:, 1] == OOV_ROW
+        return EncodedEvents(
+            sparse=torch.from_numpy(np.ascontiguousarray(sparse)),
+            content_row=torch.from_numpy(self.content.rows(events["item_id"].to_numpy(), where=where)),
+            dense_ctx=torch.from_numpy(np.ascontiguousarray(ctx)),
+            labels=torch.from_numpy(events["label"].to_numpy().astype(np.float32)),
+            is_cold=torch.from_numpy(np.asarray(is_cold, dtype=bool)),
+        )
+
+    def batch(self, events: EncodedEvents, index: torch.Tensor, *, item_id_dropout: float = 0.0,
+              generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
+        """Gathers rows ``index`` into ``(dense (B, Dd), kjt, labels (B,))``."""
+        sparse = events.sparse[index]  # (B, F_ids)
+        if item_id_dropout > 0:
+            drop = torch.rand(len(index), generator=generator) < item_id_dropout
+            sparse = sparse.clone()
+            sparse[drop, 1] = OOV_ROW  # column 1 is item_id
+        content_row = events.content_row[index]
+        columns = list(sparse.T)
+        if self._codes is not None:
+            columns += list(self._codes[content_row].T)  # (C, B)
+        dense_parts = [events.dense_ctx[index]]
+        if self._vectors is not None:
+            dense_parts.append(self._vectors[content_row])
+        dense = torch.cat(dense_parts, dim=1)
+        if dense.shape[1] == 0:
+            dense = torch.zeros(len(index), 1)
+        return dense, kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns]), \
+            events.labels[index]

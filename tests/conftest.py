@@ -1,0 +1,34 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    """A small synthetic world: 2,000 items in 8 topics, 40,000 events."""
+    from mmdata import SyntheticWorldConfig, generate_world
+
+    return generate_world(SyntheticWorldConfig(n_items=2_000, n_users=800, n_events=40_000,
+                                               dim=32, n_clusters=8, subclusters_per_cluster=4,
+                                               seed=7), progress=False)
+
+
+@pytest.fixture(scope="session")
+def movielens():
+    from mmdata import load_movielens_100k
+
+    return load_movielens_100k()
+
+
+@pytest.fixture(scope="session")
+def clustered_embeddings():
+    """(3000, 24) float32: 30 well separated clusters on the unit sphere."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(30, 24))
+    x = centers[rng.integers(0, 30, size=3000)] + 0.25 * rng.normal(size=(3000, 24))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)

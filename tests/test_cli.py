@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mmtok.cli import main
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "ids_dense"}
+    for m in metrics["variants"].values():
+        assert 0.6 < m["auc"] < 0.8 and m["rows_cold"] > 500
+    assert set(metrics["quantization_loss"]) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
+    report = (out / "report.md").read_text()
+    assert "| ids |" in report and "variant_auc.png" in report
+    assert (out / "variant_auc.png").stat().st_size > 10_000
+    codes = pl.read_parquet(out / "data" / "item_codes.parquet")
+    assert codes.height == 1682 and "code_l_1" in codes.columns
+    # the MLflow store holds the parent run and one nested run per variant
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mmtok-demo"])
+    assert len(runs) == 6
+    parent = runs[runs["run_id"] == metrics["mlflow_run_id"]].iloc[0]
+    assert parent["metrics.lift_lost"] == pytest.approx(metrics["quantization_loss"]["lift_lost"])
+
+
+def test_data_featurize_quantize_commands(tmp_path):
+    assert main(["data", "synthetic", "--out", str(tmp_path / "w"), "--items", "500",
+                 "--users", "100", "--events", "3000", "--dim", "16", "--quiet"]) == 0
+    assert main(["quantize", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),
+                 "--out", str(tmp_path / "q"), "--scale-sizes", "4,8"]) == 0
+    codes = pl.read_parquet(tmp_path / "q" / "item_codes.parquet")
+    assert codes.columns == ["item_id", "code_s_0", "code_s_1", "code_m_0", "code_m_1"]
+    pl.DataFrame({"item_id": [1, 2], "text": ["red shoes", "blue kettle"]}).write_parquet(
+        tmp_path / "items.parquet")
+    assert main(["featurize", "--items", str(tmp_path / "items.parquet"),
+                 "--out", str(tmp_path / "emb.parquet"), "--quiet"]) == 0
+    emb = pl.read_parquet(tmp_path / "emb.parquet")
+    assert emb.schema["embedding"] == pl.Array(pl.Float32, 384)
+
+
+def test_bad_input_gives_a_clear_error_not_a_trace(tmp_path, capsys):
+    np.save(tmp_path / "bad.npy", np.array([[1.0, np.inf]], dtype=np.float32))
+    assert main(["quantize", "--embeddings", str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.npy" in err and "NaN/Inf" in err and "Traceback" not in err
+    assert main(["featurize", "--items", str(tmp_path / "none.parquet"),
+                 "--out", str(tmp_path / "e.parquet")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+import numpy as np
+import polars as pl
+
+from mmdata import SyntheticWorldConfig, generate_world, split_events
+
+
+def test_movielens_matches_the_published_counts(movielens):
+    items, events = movielens
+    assert items.height == 1682 and events.height == 100_000
+    assert events["user_id"].n_unique() == 943
+    assert items.filter(pl.col("item_id") == 1)["text"][0].startswith("Toy Story (1995)")
+    # label = rating >= 4: 55,375 of the 100k ratings are 4 or 5
+    assert int(events["label"].sum()) == 55_375
+    assert set(events.columns) >= {"cat_age_bucket", "cat_gender", "cat_occupation"}
+    assert events["cat_occupation"].n_unique() == 21
+
+
+def test_synthetic_world_is_seeded_and_sized(small_world):
+    cfg = small_world.config
+    assert small_world.events.height == cfg.n_events
+    assert small_world.embeddings.vectors.shape == (cfg.n_items, cfg.dim)
+    np.testing.assert_allclose(np.linalg.norm(small_world.embeddings.vectors, axis=1), 1, rtol=1e-5)
+    again = generate_world(cfg, progress=False)
+    assert again.events.equals(small_world.events)
+    assert np.array_equal(again.embeddings.vectors, small_world.embeddings.vectors)
+
+
+def test_synthetic_embeddings_show_the_cluster_hierarchy(small_world):
+    x = small_world.embeddings.vectors
+    cluster = small_world.items["cluster"].to_numpy()
+    sub = small_world.items["subcluster"].to_numpy()
+    sim = x[:300] @ x.T
+    same_sub = sub[:300, None] == sub[None, :]
+    same_cluster_other_sub = (cluster[:300, None] == cluster[None, :]) & ~same_sub
+    other = cluster[:300, None] != cluster[None, :]
+    assert sim[same_sub].mean() > sim[same_cluster_other_sub].mean() > sim[other].mean()
+
+
+def test_synthetic_clicks_depend_on_taste_item_effect_and_position(small_world):
+    events = small_world.events.with_columns(
+        pl.Series("effect", small_world.item_effect[small_world.events["item_id"].to_numpy()]))
+    top = events.filter(pl.col("effect") > 0.5)["label"].mean()
+    bottom = events.filter(pl.col("effect") < -0.5)["label"].mean()
+    assert top > bottom + 0.05
+    by_pos = events.group_by("cat_position").agg(pl.col("label").mean()).sort("cat_position")
+    assert by_pos["label"][0] > by_pos["label"][-1]
+
+
+def test_synthetic_items_launch_over_time(small_world):
+    first_seen = small_world.events.group_by("item_id").agg(pl.col("ts").min())
+    launch = small_world.items.join(first_seen, on="item_id")
+    assert (launch["ts"] >= launch["launch_ts"]).all()
+    assert (small_world.items["launch_ts"] > small_world.config.time_span // 2).sum() > 100
+
+
+def test_synthetic_world_scales_in_chunks():
+    cfg = SyntheticWorldConfig(n_items=50_000, n_users=10_000, n_events=1_200_000, seed=1)
+    world = generate_world(cfg, progress=False)
+    assert world.events.height == 1_200_000
+    assert world.events["ts"].is_sorted()
+    assert world.events.estimated_size("mb") < 60
+
+
+def test_split_protocol(small_world):
+    events = small_world.events
+    split = split_events(events, seed=3)
+    n = events.height
+    assert split.test.height == n // 10
+    assert split.train["ts"].max() <= split.valid["ts"].min()
+    assert split.valid["ts"].max() <= split.test["ts"].min()
+    holdout = set(split.holdout_items.tolist())
+    assert len(holdout) == round(events["item_id"].n_unique() * 0.1)
+    assert not holdout & set(split.train["item_id"].to_list())
+    assert not holdout & set(split.valid["item_id"].to_list())
+    test_holdout = split.test.filter(pl.col("item_id").is_in(list(holdout)))
+    assert test_holdout.height > 0 and test_holdout["is_cold"].all()
+    warm = set(split.train["item_id"].to_list())
+    assert (split.test["is_cold"].to_numpy()
+            == ~np.isin(split.test["item_id"].to_numpy(), list(warm))).all()
+    # same seed, same split; another seed, other held-out items
+    assert np.array_equal(split_events(events, seed=3).holdout_items, split.holdout_items)
+    assert not np.array_equal(split_events(events, seed=4).holdout_items, split.holdout_items)
+
+
+def test_split_on_movielens_has_a_real_cold_slice(movielens):
+    split = split_events(movielens[1], seed=0)
+    assert split.test.height == 10_000
+    assert 0.05 < split.test["is_cold"].mean() < 0.3

@@ -1,0 +1,119 @@
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mmdata import DataContractError, split_events
+from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer
+from ranker import (FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingModel, auc,
+                    kjt_from_columns, lift_lost, log_loss, normalized_entropy, quantization_loss,
+                    run_variants, train_ranker)
+
+
+def test_kjt_on_a_hand_drawn_batch():
+    #   keys     user_id      item_id      code_s_0
+    #   values   [5  6  7]    [1  0  2]    [3  3  9]
+    kjt = kjt_from_columns(["user_id", "item_id", "code_s_0"],
+                           [torch.tensor([5, 6, 7]), torch.tensor([1, 0, 2]), torch.tensor([3, 3, 9])])
+    assert kjt.keys() == ["user_id", "item_id", "code_s_0"]
+    assert kjt.values().tolist() == [5, 6, 7, 1, 0, 2, 3, 3, 9]
+    assert kjt.lengths().tolist() == [1] * 9
+    assert kjt["item_id"].values().tolist() == [1, 0, 2]
+    assert kjt.stride() == 3
+
+
+def test_vocab_maps_unknown_and_rare_ids_to_the_shared_row():
+    vocab = IdVocab.fit(np.array([30, 10, 10, 20, 30, 30]), min_count=2)
+    assert vocab.num_embeddings == 3
+    assert vocab.rows(np.array([10, 30, 20, 99])).tolist() == [1, 2, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def world_split(small_world):
+    return split_events(small_world.events, seed=0)
+
+
+@pytest.fixture(scope="module")
+def world_codes(small_world):
+    q = ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[8, 32, 64], seed=0))
+    x = small_world.embeddings.vectors
+    codes = q.fit(x).encode(x)
+    return q, codes
+
+
+def test_feature_encoder_batches_ids_codes_and_dense(small_world, world_split, world_codes):
+    q, codes = world_codes
+    content = ItemContent(small_world.embeddings.item_ids, vectors=small_world.embeddings.vectors,
+                          codes=codes, code_names=q.code_names, codebook_sizes=q.codebook_sizes)
+    fe = FeatureEncoder(world_split.train, content, use_codes=True, use_dense_content=True)
+    assert fe.sparse_names == ["user_id", "item_id", "cat_position", "cat_device", *q.code_names]
+    test = fe.encode(world_split.test)
+    cold = test.is_cold.numpy()
+    assert cold.any() and (test.sparse[torch.from_numpy(cold), 1] == 0).all()
+    index = torch.arange(5)
+    dense, kjt, labels = fe.batch(test, index)
+    assert dense.shape == (5, 32) and labels.shape == (5,)
+    item_ids = world_split.test["item_id"].to_numpy()[:5]
+    assert kjt["code_m_1"].values().tolist() == codes[item_ids, 3].tolist()
+    torch.testing.assert_close(dense, torch.from_numpy(small_world.embeddings.vectors[item_ids]))
+    train = fe.encode(world_split.train)
+    _, kjt_drop, _ = fe.batch(train, torch.arange(2000), item_id_dropout=0.5,
+                              generator=torch.Generator().manual_seed(0))
+    dropped = (kjt_drop["item_id"].values() == 0).float().mean().item()
+    assert 0.4 < dropped < 0.6
+
+
+def test_events_with_unknown_items_are_an_error(small_world, world_split):
+    content = ItemContent(np.arange(10), vectors=small_world.embeddings.vectors[:10])
+    fe = FeatureEncoder(world_split.train, content, use_codes=False, use_dense_content=True)
+    with pytest.raises(DataContractError, match="test events: .* no item embedding"):
+        fe.encode(world_split.test, where="test events")
+
+
+def test_training_lowers_the_loss_and_learns(small_world, world_split, world_codes):
+    q, codes = world_codes
+    content = ItemContent(small_world.embeddings.item_ids, codes=codes, code_names=q.code_names,
+                          codebook_sizes=q.codebook_sizes)
+    fe = FeatureEncoder(world_split.train, content, use_codes=True, use_dense_content=False)
+    cfg = RankerConfig(epochs=3, patience=3, batch_size=512)
+    result = train_ranker(fe, fe.encode(world_split.train), fe.encode(world_split.valid), cfg,
+                          progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[result.best_epoch - 1]["valid_auc"] > 0.62
+
+
+def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes):
+    """The synthetic world's clicks depend on content; a cold item has only its IDs."""
+    q, codes = world_codes
+    results = run_variants(world_split, small_world.embeddings.item_ids,
+                           embeddings=small_world.embeddings.vectors, codes=codes,
+                           code_names=q.code_names, codebook_sizes=q.codebook_sizes,
+                           reconstructions=None, names=["no_content", "ids"],
+                           config=RankerConfig(epochs=3, patience=1), progress=False)
+    assert results["ids"]["auc_cold"] > results["no_content"]["auc_cold"] + 0.03
+    assert results["ids"]["rows_cold"] == results["no_content"]["rows_cold"] > 500
+
+
+def test_dcn_interaction_builds_and_scores():
+    model = RankingModel(["user_id", "item_id"], [5, 7], 3,
+                         RankerConfig(interaction="dcn", dense_arch=[8, 16]))
+    kjt = kjt_from_columns(["user_id", "item_id"], [torch.tensor([1, 4]), torch.tensor([0, 6])])
+    assert model(torch.zeros(2, 3), kjt).shape == (2,)
+    with pytest.raises(ValueError, match="dense_arch must end in embedding_dim"):
+        RankerConfig(dense_arch=[8, 8])
+
+
+def test_metric_definitions():
+    y = np.array([0, 0, 1, 1])
+    assert auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert np.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
+    assert log_loss(y, np.full(4, 0.5)) == pytest.approx(np.log(2))
+    assert normalized_entropy(y, np.full(4, 0.5)) == pytest.approx(1.0)
+    assert lift_lost(0.75, 0.7) == pytest.approx(0.2)
+    loss = quantization_loss({"dense": {"auc": 0.7, "auc_cold": 0.6},
+                              "ids": {"auc": 0.71, "auc_cold": 0.62}, "recon": {"auc": 0.698}})
+    assert loss["lift_lost"] == pytest.approx(-0.05)
+    assert loss["lift_lost_cold"] == pytest.approx(-0.2)
+    assert loss["lift_lost_recon"] == pytest.approx(0.01)
