@@ -30,12 +30,12 @@ def plot_variant_auc(variants: dict[str, dict], path: Path) -> Path:
         ax_auc.bar(xs, values, width, label=label)
     finite = [variants[n][k] for n in names for k in ("auc", "auc_warm", "auc_cold")
               if not math.isnan(variants[n].get(k, float("nan")))]
-    ax_auc.set_ylim(max(0.45, min(finite) - 0.03), max(finite) + 0.02)
+    ax_auc.set_ylim(max(0.45, min(finite) - 0.03), max(finite) + 0.05)
     ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax_auc.set_xticks(range(len(names)), names, rotation=20)
     ax_auc.set_ylabel("test AUC")
     ax_auc.set_title("Test AUC by variant")
-    ax_auc.legend(fontsize=8)
+    ax_auc.legend(fontsize=8, ncol=3, loc="upper center")
     for name in names:
         history = variants[name].get("history", [])
         ax_curve.plot([h["epoch"] for h in history], [h["valid_auc"] for h in history],
