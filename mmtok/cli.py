@@ -3,8 +3,10 @@
     mmtok demo --out runs/demo                      # MovieLens-100K end to end
     mmtok data movielens --out data/ml100k          # items.parquet + events.parquet
     mmtok data synthetic --out data/synth --items 100000 --events 1000000
+    mmtok data docstrings --out data/docstrings --n 50000
     mmtok featurize --items items.parquet --out item_embeddings.parquet
     mmtok quantize --embeddings item_embeddings.parquet --out runs/rq
+    mmtok bench-quantizer --embeddings item_embeddings.parquet --out runs/bench-q
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def cmd_data_synthetic(args: argparse.Namespace) -> None:
                                   dim=args.dim, seed=args.seed)
     paths = generate_world(config, progress=not args.quiet).write(args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_data_docstrings(args: argparse.Namespace) -> None:
+    from mmdata.docstrings import load_docstring_corpus
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    items = load_docstring_corpus(args.n, seed=args.seed, progress=not args.quiet)
+    items.write_parquet(args.out / "items.parquet")
+    print(f"wrote {args.out / 'items.parquet'}: {items.height} docstrings")
 
 
 def cmd_featurize(args: argparse.Namespace) -> None:
@@ -89,6 +100,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+def cmd_bench_quantizer(args: argparse.Namespace) -> None:
+    from mmtok.bench_quantizer import run_bench_quantizer
+
+    run_bench_quantizer(args.embeddings, args.out, scale_sizes=args.scale_sizes,
+                        levels=args.levels, holdout=args.holdout, seed=args.seed,
+                        steps=args.steps, only=args.only, progress=not args.quiet)
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmtok", description="Ad content as discrete IDs for TorchRec CTR ranking.")
@@ -116,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data_synthetic)
 
+    p = data_sub.add_parser("docstrings",
+                            help="a real text corpus built offline from installed Python docstrings")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data_docstrings)
+
     p = sub.add_parser("featurize", help="items.parquet -> item_embeddings.parquet")
     p.add_argument("--items", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
@@ -137,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=2, help="residual levels per scale")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench-quantizer",
+                       help="mmtok vs faiss RQ/PQ, k-means and LSH at equal bits on one file")
+    p.add_argument("--embeddings", required=True, type=Path, help="parquet or .npy (float16/32)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--scale-sizes", type=_int_list, default=[16, 64, 256])
+    p.add_argument("--levels", type=int, default=2)
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of rows held out for measuring (at most 10,000)")
+    p.add_argument("--steps", type=int, default=None, help="mmtok training steps")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None,
+                   help="comma-separated subset of mmtok,faiss_rq,faiss_pq,kmeans,lsh")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench_quantizer)
     return parser
 
 

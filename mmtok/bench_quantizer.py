@@ -1,0 +1,154 @@
+"""``mmtok bench-quantizer``: every quantizer at equal total bits on one embedding file.
+
+Seeded split of the rows into a fit set and a held-out set; each quantizer is fitted on
+the fit set and measured on the held-out set (metrics as README's evaluation protocol
+defines them). Writes ``metrics.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmdata import read_embeddings
+from quantizer import quantizer_metrics, total_bits
+from quantizer.baselines import FaissPQ, FaissRQ, KMeansQuantizer, LSHQuantizer
+from quantizer.mmdict import MmDictConfig, MmDictQuantizer
+
+
+def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None
+                     ) -> dict[str, object]:
+    """mmtok and the baselines at the same total bits."""
+    mm_config = MmDictConfig(scale_sizes=scale_sizes, levels=levels, seed=seed,
+                             **({"steps": steps} if steps else {}))
+    mmtok = MmDictQuantizer(mm_config)
+    bits = int(round(total_bits(mmtok.codebook_sizes)))
+    pq_bits = next((b for b in (8, 6, 4, 3, 2, 1) if bits % b == 0))
+    lsh_bits = next((b for b in (6, 4, 3, 2, 1) if bits % b == 0))
+    return {
+        "mmtok": mmtok,
+        "faiss_rq": FaissRQ(mmtok.codebook_sizes),
+        "faiss_pq": FaissPQ(bits, nbits=pq_bits),
+        "kmeans": KMeansQuantizer(max(scale_sizes), seed=seed),
+        "lsh": LSHQuantizer(bits, bits_per_code=lsh_bits, seed=seed),
+    }
+
+
+def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
+                        scale_sizes: list[int], levels: int = 2, holdout: float = 0.2,
+                        max_holdout: int = 10_000, seed: int = 0, steps: int | None = None,
+                        only: list[str] | None = None, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    emb = read_embeddings(embeddings_path)
+    n = len(emb)
+    if n < 50:
+        raise ValueError(f"{embeddings_path}: need at least 50 rows to benchmark, got {n}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_hold = min(max(int(round(n * holdout)), 20), max_holdout)
+    held, fit_rows = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    x_fit, x_held = emb.vectors[fit_rows], emb.vectors[held]
+    quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=steps)
+    if only:
+        quantizers = {k: v for k, v in quantizers.items() if k in only}
+    results, codes_of = {}, {}
+    for name, q in quantizers.items():
+        t = time.perf_counter()
+        if isinstance(q, MmDictQuantizer):
+            q.fit(x_fit, progress=progress)
+        else:
+            q.fit(x_fit)
+        fit_s = time.perf_counter() - t
+        q.encode(x_held[:256])  # warm-up
+        t = time.perf_counter()
+        codes = q.encode(x_held)
+        encode_s = time.perf_counter() - t
+        x_hat = q.decode(codes)
+        metrics = quantizer_metrics(x_held, codes, x_hat, q.codebook_sizes, seed=seed)
+        metrics.update(fit_s=fit_s, encode_items_per_s=len(x_held) / max(encode_s, 1e-9),
+                       n_codes=len(q.codebook_sizes), codebook_sizes=list(q.codebook_sizes))
+        results[name] = metrics
+        codes_of[name] = codes
+        if progress:
+            print(f"{name:>9}: bits {metrics['bits']:.0f}  rel_mse {metrics['rel_mse']:.4f}  "
+                  f"recall@10 {metrics['recall_at_10']:.4f}  tau {metrics['kendall_tau']:.4f}  "
+                  f"util {metrics['utilization']:.3f}  fit {fit_s:.1f}s", flush=True)
+        if name == "mmtok":
+            q.save(out / "mmtok_quantizer")
+    report = {
+        "dataset": {"path": str(embeddings_path), "rows": n, "dim": emb.dim,
+                    "fit_rows": len(fit_rows), "holdout_rows": len(held), "seed": seed,
+                    "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"},
+        "quantizers": results,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_quantizer_report(out, report, codes_of)
+    return report
+
+
+def write_quantizer_report(out: Path, report: dict, codes_of: dict[str, np.ndarray]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = report["quantizers"]
+    names = list(q)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, better in zip(axes, ("rel_mse", "recall_at_10", "kendall_tau"),
+                               ("lower is better", "higher is better", "higher is better")):
+        values = [q[n][key] for n in names]
+        bars = ax.bar(names, values, color=["C3" if n == "mmtok" else "C0" for n in names])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_title(f"{key} ({better})")
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"Held-out quality at equal bits ({q[names[0]]['bits']:.0f} bits/item, "
+                 "k-means: one codebook)")
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=110)
+    plt.close(fig)
+
+    if "mmtok" in codes_of:
+        codes = codes_of["mmtok"]
+        sizes = q["mmtok"]["codebook_sizes"]
+        fig, axes = plt.subplots(1, len(sizes), figsize=(2.6 * len(sizes), 2.8), squeeze=False)
+        for j, ax in enumerate(axes[0]):
+            counts = np.sort(np.bincount(codes[:, j], minlength=sizes[j]))[::-1]
+            ax.bar(np.arange(sizes[j]), counts, width=1.0)
+            ax.set_title(f"code {j} ({sizes[j]} codes)", fontsize=9)
+            ax.set_xlabel("code rank", fontsize=8)
+        axes[0][0].set_ylabel("held-out items")
+        fig.suptitle("mmtok code usage (sorted), held-out items")
+        fig.tight_layout()
+        fig.savefig(out / "code_usage.png", dpi=110)
+        plt.close(fig)
+
+    ds = report["dataset"]
+    lines = [
+        "# Quantizer benchmark", "",
+        f"Embeddings `{ds['path']}`: {ds['rows']} rows x {ds['dim']}; fitted on {ds['fit_rows']}, "
+        f"measured on {ds['holdout_rows']} held-out rows (seed {ds['seed']}).", "",
+        "| quantizer | bits | rel_mse | recall@10 | kendall_tau | utilization | collision_rate "
+        "| fit s | encode items/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in q.items():
+        lines.append(f"| {name} | {m['bits']:.0f} | {m['rel_mse']:.4f} | {m['recall_at_10']:.4f} | "
+                     f"{m['kendall_tau']:.4f} | {m['utilization']:.3f} | {m['collision_rate']:.4f} | "
+                     f"{m['fit_s']:.1f} | {m['encode_items_per_s']:,.0f} |")
+    lines += ["", "![quality](quality.png)", ""]
+    if (out / "code_usage.png").exists():
+        lines += ["![code usage](code_usage.png)", ""]
+    lines += ["Definitions: `rel_mse = |X - X^|^2 / |X - mean(X)|^2`; `recall_at_10`: share of "
+              "true top-10 cosine neighbours found in the top-10 on X^; `kendall_tau`: rank "
+              "correlation of similarities to a fixed candidate sample, before vs after; "
+              "`utilization`: min over codebooks of the share of codes used; `collision_rate`: "
+              "share of items whose full code tuple another item shares.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

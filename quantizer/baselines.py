@@ -1,0 +1,199 @@
+"""What a ranking engineer would otherwise pick, behind the same ``fit / encode / decode``
+interface, so their IDs feed the ranker exactly as mmtok's do.
+
+* ``FaissRQ``: faiss ``ResidualQuantizer`` with the same per-level codebook sizes as
+  mmtok (so the same total bits), beam search as faiss defaults it (``beam_size=5``).
+* ``FaissPQ``: faiss ``ProductQuantizer`` at the same total bits.
+* ``KMeansQuantizer``: one faiss k-means codebook (a single ID per item).
+* ``LSHQuantizer``: random-projection sign hashing at the same total bits, the bits
+  grouped into IDs; decoded by a least-squares map from the signs back to the vector.
+
+faiss packs codes into bit strings; ``unpack_codes`` / ``pack_codes`` turn them into one
+int64 column per level and back (LSB first, faiss' BitstringWriter order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantizer.base import check_codes, check_input
+
+
+def unpack_codes(packed: np.ndarray, nbits: list[int]) -> np.ndarray:
+    """(n, code_size) uint8 faiss codes -> (n, len(nbits)) int64 indices."""
+    bits = np.unpackbits(packed, axis=1, bitorder="little").astype(np.int64)  # (n, 8 * code_size)
+    out = np.zeros((len(packed), len(nbits)), dtype=np.int64)
+    offset = 0
+    for j, nb in enumerate(nbits):
+        weights = 1 << np.arange(nb, dtype=np.int64)
+        out[:, j] = bits[:, offset:offset + nb] @ weights
+        offset += nb
+    return out
+
+
+def pack_codes(codes: np.ndarray, nbits: list[int]) -> np.ndarray:
+    """Inverse of ``unpack_codes``."""
+    total = sum(nbits)
+    code_size = (total + 7) // 8
+    bits = np.zeros((len(codes), code_size * 8), dtype=np.uint8)
+    offset = 0
+    for j, nb in enumerate(nbits):
+        bits[:, offset:offset + nb] = (codes[:, j:j + 1] >> np.arange(nb)) & 1
+        offset += nb
+    return np.packbits(bits, axis=1, bitorder="little")
+
+
+def _log2_exact(k: int) -> int:
+    nb = int(round(np.log2(k)))
+    if 1 << nb != k:
+        raise ValueError(f"faiss codebooks need power-of-two sizes, got {k}")
+    return nb
+
+
+class FaissRQ:
+    kind = "faiss_rq"
+
+    def __init__(self, codebook_sizes: list[int], *, beam_size: int = 5, name: str = "rq") -> None:
+        self.nbits = [_log2_exact(k) for k in codebook_sizes]
+        self.codebook_sizes = list(codebook_sizes)
+        self.code_names = [f"code_{name}_{j}" for j in range(len(codebook_sizes))]
+        self.beam_size = beam_size
+        self.index = None
+        self.dim = None
+
+    def fit(self, x: np.ndarray) -> "FaissRQ":
+        import faiss
+
+        x = check_input(x)
+        self.dim = x.shape[1]
+        nbits = faiss.UInt64Vector()
+        for nb in self.nbits:
+            nbits.push_back(nb)
+        self.index = faiss.ResidualQuantizer(self.dim, nbits)
+        self.index.max_beam_size = self.beam_size
+        self.index.train(x)
+        return self
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(x, self.dim)
+        return unpack_codes(self.index.compute_codes(x), self.nbits)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = check_codes(codes, self.codebook_sizes)
+        return self.index.decode(pack_codes(codes, self.nbits))
+
+
+class FaissPQ:
+    """faiss PQ with ``n_sub`` sub-quantizers of ``2**nbits`` codes; the input is
+    zero-padded to a multiple of ``n_sub`` when needed."""
+
+    kind = "faiss_pq"
+
+    def __init__(self, total_bits: int, *, nbits: int = 6) -> None:
+        if total_bits % nbits:
+            raise ValueError(f"PQ: total bits {total_bits} must be a multiple of nbits {nbits}")
+        self.n_sub = total_bits // nbits
+        self.nbits = [nbits] * self.n_sub
+        self.codebook_sizes = [1 << nbits] * self.n_sub
+        self.code_names = [f"code_pq_{j}" for j in range(self.n_sub)]
+        self.pq = None
+        self.dim = None
+
+    def _pad(self, x: np.ndarray) -> np.ndarray:
+        padded = -(-self.dim // self.n_sub) * self.n_sub
+        if padded == self.dim:
+            return x
+        return np.ascontiguousarray(np.pad(x, ((0, 0), (0, padded - self.dim))))
+
+    def fit(self, x: np.ndarray) -> "FaissPQ":
+        import faiss
+
+        x = check_input(x)
+        self.dim = x.shape[1]
+        xp = self._pad(x)
+        self.pq = faiss.ProductQuantizer(xp.shape[1], self.n_sub, self.nbits[0])
+        self.pq.train(xp)
+        return self
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(x, self.dim)
+        return unpack_codes(self.pq.compute_codes(self._pad(x)), self.nbits)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = check_codes(codes, self.codebook_sizes)
+        return self.pq.decode(pack_codes(codes, self.nbits))[:, : self.dim]
+
+
+class KMeansQuantizer:
+    kind = "kmeans"
+
+    def __init__(self, k: int, *, seed: int = 0, iters: int = 25) -> None:
+        self.codebook_sizes = [k]
+        self.code_names = ["code_km_0"]
+        self.seed, self.iters = seed, iters
+        self.centroids = None
+        self.dim = None
+
+    def fit(self, x: np.ndarray) -> "KMeansQuantizer":
+        import faiss
+
+        x = check_input(x)
+        self.dim = x.shape[1]
+        km = faiss.Kmeans(self.dim, self.codebook_sizes[0], niter=self.iters, seed=self.seed,
+                          min_points_per_centroid=1)
+        km.train(x)
+        self.centroids = km.centroids.astype(np.float32)
+        return self
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        import faiss
+
+        x = check_input(x, self.dim)
+        index = faiss.IndexFlatL2(self.dim)
+        index.add(self.centroids)
+        return index.search(x, 1)[1].astype(np.int64)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = check_codes(codes, self.codebook_sizes)
+        return self.centroids[codes[:, 0]]
+
+
+class LSHQuantizer:
+    """Sign random projections (SimHash), ``bits_per_code`` bits per ID."""
+
+    kind = "lsh"
+
+    def __init__(self, total_bits: int, *, bits_per_code: int = 6, seed: int = 0) -> None:
+        if total_bits % bits_per_code:
+            raise ValueError(f"LSH: total bits {total_bits} must be a multiple of {bits_per_code}")
+        self.total_bits, self.bits_per_code, self.seed = total_bits, bits_per_code, seed
+        n_codes = total_bits // bits_per_code
+        self.codebook_sizes = [1 << bits_per_code] * n_codes
+        self.code_names = [f"code_lsh_{j}" for j in range(n_codes)]
+        self.planes = self.back = self.mean = None
+        self.dim = None
+
+    def _signs(self, x: np.ndarray) -> np.ndarray:
+        return np.where((x - self.mean) @ self.planes > 0, 1.0, -1.0).astype(np.float32)
+
+    def fit(self, x: np.ndarray) -> "LSHQuantizer":
+        x = check_input(x)
+        self.dim = x.shape[1]
+        rng = np.random.default_rng(self.seed)
+        self.planes = rng.normal(size=(self.dim, self.total_bits)).astype(np.float32)
+        self.mean = x.mean(0)
+        signs = self._signs(x)
+        # least-squares decoder: signs (n, bits) -> centred vectors (n, d)
+        self.back = np.linalg.lstsq(signs, x - self.mean, rcond=None)[0].astype(np.float32)
+        return self
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(x, self.dim)
+        bits = (self._signs(x) > 0).astype(np.int64).reshape(len(x), -1, self.bits_per_code)
+        return bits @ (1 << np.arange(self.bits_per_code, dtype=np.int64))  # (n, n_codes)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = check_codes(codes, self.codebook_sizes)
+        bits = (codes[:, :, None] >> np.arange(self.bits_per_code)) & 1  # (n, C, b)
+        signs = np.where(bits.reshape(len(codes), -1) > 0, 1.0, -1.0).astype(np.float32)
+        return signs @ self.back + self.mean

@@ -1,0 +1,448 @@
+"""The MmDict quantizer: learned multi-scale residual quantization.
+
+Implements the multimodal dictionary of M2D-BERT / MmDict (Baidu, CIKM 2022,
+arXiv 2209.11727) in the spirit of RQ-VAE (arXiv 2203.01941) and QINCo (ICML 2024):
+
+* **Scales** S, M, L with growing codebook sizes; each scale has ``levels`` levels, a
+  *center* code then *residual* codes, so the default item carries 3 x 2 = 6 IDs.
+  ``mode="parallel"`` (default, chosen by measurement - see ``benchmarks/README.md``):
+  every scale quantizes the whole latent on its own, so S IDs are a coarse partition
+  shared by many items and L IDs a fine one; an orthogonality penalty between the
+  scales' codewords makes them describe different things (M2D-BERT's complementary
+  dictionaries), and the decoder reads all scales together.
+  ``mode="cascade"``: scale M quantizes what scale S left over, L what M left (one
+  residual chain, as in RQ-VAE semantic IDs).
+* **Encoder**: a linear map into a latent space (initialised to the data's principal
+  axes), so encoding stays one matmul plus nearest-code searches (the fused kernel's job).
+* **Sparse activation + straight-through estimator**: each level's activations are a
+  softmax over negative distances to *all* codes; the forward pass keeps the arg-max
+  code, the backward pass flows through the soft assignment, so activated and
+  non-activated codes keep exchanging information.
+* **No collapse**: faiss k-means initialisation of every codebook, a batch entropy
+  bonus on code usage, and dead-code restart (unused codes re-seeded from live residuals).
+* **Decoder**: a linear map back plus a small residual MLP, rebuilding the embedding
+  from the IDs. The loss keeps reconstruction error low **and** the partial order: a
+  listwise loss matches, for every item of a batch, the softmax over its cosine
+  similarities to the other items before and after quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantizer.base import SCALE_NAMES, check_codes, check_input
+from quantizer.residual_kmeans import nearest_code
+
+
+@dataclass
+class MmDictConfig:
+    # Codebook size per scale, coarse to fine.
+    scale_sizes: list[int] = field(default_factory=lambda: [16, 64, 256])
+    # Levels per scale: a center code, then residual codes.
+    levels: int = 2
+    # "cascade": scale s quantizes the residual of scales < s; "parallel": each scale
+    # quantizes the whole latent, scales pushed apart by an orthogonality penalty.
+    mode: str = "parallel"
+    # Latent width; None keeps the input width.
+    latent_dim: int | None = None
+    # Hidden width of the decoder's residual MLP (0 disables it).
+    decoder_hidden: int = 256
+    # Optimiser steps (batches); the data is cycled as often as that takes.
+    steps: int = 1500
+    batch_size: int = 1024
+    lr: float = 2e-3
+    # Temperature of the soft assignment the STE backpropagates through (relative to
+    # the mean squared distance of the level's codes).
+    assign_temperature: float = 0.1
+    # Weight of the listwise order loss and its similarity temperature.
+    rank_weight: float = 1.0
+    rank_temperature: float = 0.05
+    # Queries per batch for the order loss, each ranked against the whole batch
+    # (None: every item of the batch; fewer queries train faster and a little worse).
+    rank_queries: int | None = None
+    # VQ-VAE commitment weight (keeps the encoder close to its codes).
+    commitment: float = 0.25
+    # Bonus for spreading each batch's code usage (entropy of mean soft assignment).
+    entropy_weight: float = 0.01
+    # Orthogonality penalty between the scales' codewords (parallel mode).
+    ortho_weight: float = 0.1
+    # Every `restart_every` steps, codes hit fewer than `dead_code_min_hits` times in
+    # that window are re-seeded from live residuals.
+    restart_every: int = 100
+    dead_code_min_hits: int = 1
+    seed: int = 0
+    # Rows per encode batch (bounds memory at batch x latent and batch x codebook size).
+    encode_batch_size: int = 65_536
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.scale_sizes or len(self.scale_sizes) > len(SCALE_NAMES):
+            raise ValueError(f"scale_sizes: 1..{len(SCALE_NAMES)} scales, got {self.scale_sizes}")
+        if any(k < 2 for k in self.scale_sizes) or self.levels < 1:
+            raise ValueError(f"codebook sizes must be >= 2 and levels >= 1, got "
+                             f"{self.scale_sizes} x {self.levels}")
+        if self.mode not in ("cascade", "parallel"):
+            raise ValueError(f"mode must be 'cascade' or 'parallel', got {self.mode!r}")
+
+
+class MultiScaleResidualQuantizer(nn.Module):
+    """The trainable network: encoder, (scales x levels) codebooks, decoder.
+
+    Args:
+        dim: input embedding width.
+        config: see ``MmDictConfig``.
+
+    ``forward(x)`` returns ``(x_hat, codes, losses)``; ``x_hat`` is exactly what
+    ``decode(codes)`` gives (the round trip), gradients reach all parameters.
+    """
+
+    def __init__(self, dim: int, config: MmDictConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        latent = config.latent_dim or dim
+        self.latent_dim = latent
+        self.encoder = nn.Linear(dim, latent)
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter(torch.zeros(k, latent)) for k in config.scale_sizes
+             for _ in range(config.levels)])
+        n_scales = len(config.scale_sizes)
+        decoder_in = latent * (n_scales if config.mode == "parallel" else 1)
+        self.decoder = nn.Linear(decoder_in, dim)
+        if config.decoder_hidden:
+            self.refine = nn.Sequential(nn.Linear(decoder_in, config.decoder_hidden), nn.GELU(),
+                                        nn.Linear(config.decoder_hidden, dim))
+            nn.init.zeros_(self.refine[2].weight)
+            nn.init.zeros_(self.refine[2].bias)
+        else:
+            self.refine = None
+
+    @property
+    def n_codes(self) -> int:
+        return len(self.codebooks)
+
+    def _scale_slices(self):
+        levels = self.config.levels
+        return [range(s * levels, (s + 1) * levels) for s in range(len(self.config.scale_sizes))]
+
+    def quantize(self, z: torch.Tensor, *, training: bool = False):
+        """Greedy nearest codes, scale by scale, level by level.
+
+        Args: z: (n, latent).
+        Returns: codes (n, J) int64, per-scale quantized latents (list of (n, latent)),
+            and, when training, a dict of auxiliary losses.
+
+        The forward value of every quantized latent is the sum of its arg-max codewords.
+        When training, the gradient reaches (a) every code of a level through the soft
+        assignment (activated and non-activated codes keep exchanging information) and
+        (b) the encoder through the straight-through identity.
+        """
+        cfg = self.config
+        codes, quantized = [], []
+        codebook_loss = z.new_zeros(())
+        commit = z.new_zeros(())
+        entropy = z.new_zeros(())
+        residual = z
+        for levels in self._scale_slices():
+            if cfg.mode == "parallel" or not quantized:
+                scale_input = z
+                residual = z
+            else:
+                scale_input = residual
+            scale_q = torch.zeros_like(z)
+            hard_sum = torch.zeros_like(z)
+            for j in levels:
+                book = self.codebooks[j]  # (K, latent)
+                dist = (residual.pow(2).sum(1, keepdim=True) - 2.0 * residual @ book.T
+                        + book.pow(2).sum(1)[None, :])  # (n, K)
+                idx = dist.detach().argmin(1)
+                hard = book[idx]
+                if training:
+                    scale_t = dist.detach().mean().clamp_min(1e-8) * cfg.assign_temperature
+                    soft_w = torch.softmax(-dist / scale_t, dim=1)  # (n, K) activations
+                    soft = soft_w @ book
+                    q = soft + (hard - soft).detach()  # value: the arg-max codeword
+                    codebook_loss = codebook_loss + F.mse_loss(hard, residual.detach())
+                    usage = soft_w.mean(0)
+                    entropy = entropy - (usage * torch.log(usage + 1e-9)).sum() / math.log(len(book))
+                else:
+                    q = hard
+                codes.append(idx)
+                scale_q = scale_q + q
+                hard_sum = hard_sum + hard
+                residual = residual - q
+            if training:
+                commit = commit + F.mse_loss(scale_input, hard_sum.detach())
+                # Straight-through: the encoder sees the decoder's gradient as if the
+                # latent were unquantized. A cascade passes z once (its scales add up to
+                # z minus the last residual); parallel scales each pass z.
+                if cfg.mode == "parallel" or len(quantized) == 0:
+                    scale_q = scale_q + (z - z.detach())
+            quantized.append(scale_q)
+        codes = torch.stack(codes, 1)
+        if not training:
+            return codes, quantized, {}
+        return codes, quantized, {"codebook": codebook_loss, "commit": commit * cfg.commitment,
+                                  "entropy": entropy / self.n_codes}
+
+    def decode_latent(self, quantized: list[torch.Tensor]) -> torch.Tensor:
+        if self.config.mode == "parallel":
+            zq = torch.cat(quantized, dim=1)  # (n, S * latent)
+        else:
+            zq = torch.stack(quantized, 0).sum(0)  # (n, latent)
+        out = self.decoder(zq)
+        if self.refine is not None:
+            out = out + self.refine(zq)
+        return out
+
+    def codewords(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale sums of the codewords named by ``codes`` (n, J)."""
+        out = []
+        for levels in self._scale_slices():
+            out.append(sum(self.codebooks[j][codes[:, j]] for j in levels))
+        return out
+
+    def forward(self, x: torch.Tensor):
+        z = self.encoder(x)
+        codes, quantized, losses = self.quantize(z, training=self.training)
+        return self.decode_latent(quantized), codes, losses
+
+    def orthogonality(self) -> torch.Tensor:
+        """Mean squared cosine between codewords of different scales."""
+        books = [F.normalize(torch.cat([self.codebooks[j] for j in levels]), dim=1)
+                 for levels in self._scale_slices()]
+        total, pairs = books[0].new_zeros(()), 0
+        for a in range(len(books)):
+            for b in range(a + 1, len(books)):
+                total = total + (books[a] @ books[b].T).pow(2).mean()
+                pairs += 1
+        return total / max(pairs, 1)
+
+
+def order_loss(x: torch.Tensor, x_hat: torch.Tensor, temperature: float,
+               n_queries: int | None = None) -> torch.Tensor:
+    """Listwise partial-order loss over in-batch cosine similarities.
+
+    For each query item i (the first ``n_queries`` rows of the batch),
+    KL(softmax_j(cos(x_i, x_j)/t) || softmax_j(cos(x^_i, x^_j)/t)) over the other items
+    j != i: the neighbours that matter most (the top of the list) dominate, as in recall@k.
+    """
+    xs, xh = F.normalize(x, dim=1), F.normalize(x_hat, dim=1)
+    q = min(n_queries or len(x), len(x))
+    eye = torch.eye(q, len(x), dtype=torch.bool, device=x.device)
+    target = (xs[:q] @ xs.T / temperature).masked_fill(eye, -1e9)  # (Q, B)
+    pred = (xh[:q] @ xh.T / temperature).masked_fill(eye, -1e9)
+    return F.kl_div(F.log_softmax(pred, 1), F.log_softmax(target, 1), log_target=True,
+                    reduction="batchmean")
+
+
+class MmDictQuantizer:
+    """``fit / encode / decode / save / load`` around ``MultiScaleResidualQuantizer``.
+
+    Example::
+
+        q = MmDictQuantizer(MmDictConfig(scale_sizes=[16, 64, 256]))
+        codes = q.fit(x).encode(x)      # (n, 6) int64: code_s_0, code_s_1, ..., code_l_1
+        x_hat = q.decode(codes)         # (n, d) float32
+    """
+
+    kind = "mmdict"
+
+    def __init__(self, config: MmDictConfig | None = None) -> None:
+        self.config = config or MmDictConfig()
+        cfg = self.config
+        self.code_names = [f"code_{SCALE_NAMES[s]}_{lvl}"
+                           for s in range(len(cfg.scale_sizes)) for lvl in range(cfg.levels)]
+        self.codebook_sizes = [k for k in cfg.scale_sizes for _ in range(cfg.levels)]
+        self.net: MultiScaleResidualQuantizer | None = None
+        self.history: list[dict] = []
+
+    @property
+    def dim(self) -> int | None:
+        return self.net.dim if self.net is not None else None
+
+    # ------------------------------------------------------------------ training
+
+    def _init_from_data(self, x: torch.Tensor) -> None:
+        """PCA encoder/decoder and faiss k-means codebooks on the latent residuals."""
+        import faiss
+
+        net, cfg = self.net, self.config
+        mean = x.mean(0)
+        centered = x - mean
+        # principal axes: the latent keeps the most variance the width allows
+        _, _, vt = torch.linalg.svd(centered[: min(len(x), 50_000)], full_matrices=False)
+        axes = vt[: net.latent_dim]  # (latent, d)
+        if axes.shape[0] < net.latent_dim:  # latent wider than the data's rank
+            extra = torch.randn(net.latent_dim - axes.shape[0], x.shape[1]) * 1e-3
+            axes = torch.cat([axes, extra])
+        with torch.no_grad():
+            net.encoder.weight.copy_(axes)
+            net.encoder.bias.copy_(-(mean @ axes.T))
+            z = net.encoder(x)
+            residual = z.clone()
+            for s, levels in enumerate(net._scale_slices()):
+                if cfg.mode == "parallel":
+                    residual = z.clone()
+                for j in levels:
+                    k = len(net.codebooks[j])
+                    km = faiss.Kmeans(net.latent_dim, k, niter=20, seed=cfg.seed + j,
+                                      min_points_per_centroid=1, max_points_per_centroid=256)
+                    km.train(np.ascontiguousarray(residual.numpy()))
+                    book = torch.from_numpy(km.centroids)
+                    net.codebooks[j].copy_(book)
+                    residual = residual - book[nearest_code(residual, book)]
+            decoder_w = axes.T  # (d, latent)
+            if cfg.mode == "parallel":
+                decoder_w = torch.cat([decoder_w / len(cfg.scale_sizes)] * len(cfg.scale_sizes), 1)
+            net.decoder.weight.copy_(decoder_w)
+            net.decoder.bias.copy_(mean)
+
+    def fit(self, x: np.ndarray, *, progress: bool = True) -> "MmDictQuantizer":
+        x_np = check_input(x)
+        cfg = self.config
+        if len(x_np) < max(cfg.scale_sizes):
+            raise ValueError(f"a codebook of {max(cfg.scale_sizes)} codes needs at least that "
+                             f"many training rows, got {len(x_np)}")
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        x_all = torch.from_numpy(x_np)
+        self.net = MultiScaleResidualQuantizer(x_np.shape[1], cfg)
+        self._init_from_data(x_all)
+        device = torch.device(cfg.device)
+        net = self.net.to(device)
+        data_var = x_all.var(0).sum().item() + 1e-12
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batch = min(cfg.batch_size, len(x_np))
+        total = cfg.steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+        self.history = []
+        hits = [torch.zeros(len(b), dtype=torch.long) for b in net.codebooks]
+        sums = {"recon": 0.0, "order": 0.0, "n": 0}
+        order = torch.randperm(len(x_np), generator=generator)
+        cursor = 0
+        net.train()
+        for step in tqdm(range(1, total + 1), desc="fit mmdict", unit="step", disable=not progress):
+            if cursor + batch > len(order):
+                order, cursor = torch.randperm(len(x_np), generator=generator), 0
+            xb = x_all[order[cursor:cursor + batch]].to(device)
+            cursor += batch
+            x_hat, codes, aux = net(xb)
+            recon = (x_hat - xb).pow(2).sum(1).mean() / data_var
+            rank = order_loss(xb, x_hat, cfg.rank_temperature, cfg.rank_queries)
+            loss = recon + cfg.rank_weight * rank + aux["codebook"] + aux["commit"] \
+                - cfg.entropy_weight * aux["entropy"]
+            if cfg.mode == "parallel" and cfg.ortho_weight:
+                loss = loss + cfg.ortho_weight * net.orthogonality()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            for j in range(net.n_codes):
+                hits[j] += torch.bincount(codes[:, j].cpu(), minlength=len(hits[j]))
+            sums["recon"] += recon.item()
+            sums["order"] += rank.item()
+            sums["n"] += 1
+            if step % cfg.restart_every == 0 or step == total:
+                restarted = self._restart_dead_codes(x_all, hits, generator)
+                self.history.append({"step": step, "recon": sums["recon"] / sums["n"],
+                                     "order": sums["order"] / sums["n"], "restarted": restarted})
+                hits = [torch.zeros_like(h) for h in hits]
+                sums = {"recon": 0.0, "order": 0.0, "n": 0}
+        net.eval()
+        self.net = net.cpu()
+        return self
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, x_all: torch.Tensor, hits: list[torch.Tensor],
+                            generator: torch.Generator) -> int:
+        """Re-seeds codes with too few hits from the residuals their level sees."""
+        net, cfg = self.net, self.config
+        dead = [torch.nonzero(h < cfg.dead_code_min_hits).flatten() for h in hits]
+        if not any(len(d) for d in dead):
+            return 0
+        device = next(net.parameters()).device
+        sample = x_all[torch.randperm(len(x_all), generator=generator)[:4096]].to(device)
+        z = net.encoder(sample)
+        residual = z
+        restarted = 0
+        for levels in net._scale_slices():
+            if cfg.mode == "parallel":
+                residual = z
+            for j in levels:
+                book = net.codebooks[j]
+                if len(dead[j]):
+                    pick = torch.randint(len(residual), (len(dead[j]),), generator=generator)
+                    noise = 1e-3 * torch.randn(len(dead[j]), book.shape[1], generator=generator)
+                    book.data[dead[j]] = residual[pick.to(device)] + noise.to(device)
+                    restarted += len(dead[j])
+                residual = residual - book[nearest_code(residual, book)]
+        return restarted
+
+    # ------------------------------------------------------------------ inference
+
+    def _check_fitted(self) -> None:
+        if self.net is None:
+            raise RuntimeError("quantizer is not fitted: call fit(x) or load(dir) first")
+
+    @torch.no_grad()
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """x: (n, d) float32 -> codes (n, J) int64, in batches of ``encode_batch_size``."""
+        self._check_fitted()
+        x = check_input(x, self.dim)
+        net = self.net.eval()
+        out = np.empty((len(x), net.n_codes), dtype=np.int64)
+        step = self.config.encode_batch_size
+        for start in range(0, len(x), step):
+            z = net.encoder(torch.from_numpy(x[start:start + step]))
+            codes, _, _ = net.quantize(z)
+            out[start:start + len(z)] = codes.numpy()
+        return out
+
+    @torch.no_grad()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes: (n, J) int64 -> (n, d) float32 reconstructions."""
+        self._check_fitted()
+        codes = check_codes(codes, self.codebook_sizes)
+        net = self.net.eval()
+        out = np.empty((len(codes), net.dim), dtype=np.float32)
+        step = self.config.encode_batch_size
+        for start in range(0, len(codes), step):
+            c = torch.from_numpy(codes[start:start + step])
+            out[start:start + len(c)] = net.decode_latent(net.codewords(c)).numpy()
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(directory / "weights.safetensors"))
+        meta = {"kind": self.kind, "dim": self.net.dim, "config": asdict(self.config),
+                "history": self.history}
+        (directory / "quantizer.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MmDictQuantizer":
+        directory = Path(directory)
+        meta = json.loads((directory / "quantizer.json").read_text())
+        if meta.get("kind") != cls.kind:
+            raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {cls.kind!r}")
+        quantizer = cls(MmDictConfig(**meta["config"]))
+        quantizer.net = MultiScaleResidualQuantizer(int(meta["dim"]), quantizer.config)
+        quantizer.net.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        quantizer.net.eval()
+        quantizer.history = meta.get("history", [])
+        return quantizer

@@ -1,0 +1,128 @@
+"""The MmDict quantizer on small structured data (fast settings)."""
+
+import numpy as np
+import pytest
+import torch
+
+from quantizer.baselines import FaissRQ
+from quantizer.metrics import quantizer_metrics
+from quantizer.mmdict import MmDictConfig, MmDictQuantizer, order_loss
+
+
+def small_config(**overrides) -> MmDictConfig:
+    base = dict(scale_sizes=[4, 8, 16], steps=150, batch_size=256, decoder_hidden=32,
+                restart_every=50, seed=0)
+    base.update(overrides)
+    return MmDictConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def fitted(clustered_embeddings):
+    return MmDictQuantizer(small_config()).fit(clustered_embeddings, progress=False)
+
+
+def test_round_trip_decode_equals_the_trained_output(fitted, clustered_embeddings):
+    x = clustered_embeddings[:200]
+    codes = fitted.encode(x)
+    assert codes.shape == (200, 6) and codes.dtype == np.int64
+    assert fitted.code_names == ["code_s_0", "code_s_1", "code_m_0", "code_m_1", "code_l_0", "code_l_1"]
+    with torch.no_grad():
+        fitted.net.eval()
+        x_hat, forward_codes, _ = fitted.net(torch.from_numpy(x))
+    assert np.array_equal(forward_codes.numpy(), codes)
+    np.testing.assert_allclose(fitted.decode(codes), x_hat.numpy(), atol=1e-5)
+
+
+def test_deterministic_with_a_seed(clustered_embeddings, fitted):
+    again = MmDictQuantizer(small_config()).fit(clustered_embeddings, progress=False)
+    assert np.array_equal(again.encode(clustered_embeddings), fitted.encode(clustered_embeddings))
+
+
+def test_save_load_identity(tmp_path, fitted, clustered_embeddings):
+    fitted.save(tmp_path / "q")
+    assert {p.name for p in (tmp_path / "q").iterdir()} == {"weights.safetensors", "quantizer.json"}
+    loaded = MmDictQuantizer.load(tmp_path / "q")
+    codes = fitted.encode(clustered_embeddings)
+    assert np.array_equal(loaded.encode(clustered_embeddings), codes)
+    np.testing.assert_array_equal(loaded.decode(codes), fitted.decode(codes))
+
+
+def test_orders_neighbours_better_than_shuffled_codes(fitted, clustered_embeddings):
+    x = clustered_embeddings
+    codes = fitted.encode(x)
+    shuffled = np.random.default_rng(0).permutation(codes)
+    good = quantizer_metrics(x, codes, fitted.decode(codes), fitted.codebook_sizes)
+    bad = quantizer_metrics(x, shuffled, fitted.decode(shuffled), fitted.codebook_sizes)
+    assert good["kendall_tau"] > bad["kendall_tau"] + 0.4
+    assert good["recall_at_10"] > bad["recall_at_10"] + 0.1
+    assert good["rel_mse"] < bad["rel_mse"]
+
+
+def test_codebooks_stay_used(fitted, clustered_embeddings):
+    codes = fitted.encode(clustered_embeddings)
+    m = quantizer_metrics(clustered_embeddings, codes, fitted.decode(codes), fitted.codebook_sizes)
+    assert m["utilization"] >= 0.95
+
+
+def test_order_loss_is_zero_for_a_perfect_copy_and_grows_with_disorder():
+    x = torch.randn(64, 16)
+    assert order_loss(x, x, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    assert order_loss(x, x + 0.5 * torch.randn(64, 16), 0.1) > order_loss(x, x + 0.05 * torch.randn(64, 16), 0.1)
+
+
+def test_straight_through_gradient_reaches_encoder_and_every_code(clustered_embeddings):
+    q = MmDictQuantizer(small_config(steps=1)).fit(clustered_embeddings, progress=False)
+    net = q.net.train()
+    x = torch.from_numpy(clustered_embeddings[:128])
+    x_hat, codes, aux = net(x)
+    ((x_hat - x).pow(2).sum() + aux["codebook"]).backward()
+    assert net.encoder.weight.grad is not None and net.encoder.weight.grad.abs().sum() > 0
+    for j, book in enumerate(net.codebooks):
+        # soft assignment: codes that were not the arg-max of any row still get gradient
+        touched = book.grad.abs().sum(1) > 0
+        assert touched.all(), f"codebook {j}: some codes received no gradient"
+
+
+def test_dead_codes_are_restarted(clustered_embeddings):
+    q = MmDictQuantizer(small_config(steps=1)).fit(clustered_embeddings, progress=False)
+    net = q.net
+    with torch.no_grad():
+        net.codebooks[5].data[3] = 1e6  # a code nothing will ever pick
+    hits = [torch.ones(len(b), dtype=torch.long) for b in net.codebooks]
+    hits[5][3] = 0
+    restarted = q._restart_dead_codes(torch.from_numpy(clustered_embeddings), hits,
+                                      torch.Generator().manual_seed(0))
+    assert restarted == 1 and net.codebooks[5].data[3].abs().max() < 100
+
+
+def test_cascade_mode_trains_too(clustered_embeddings):
+    q = MmDictQuantizer(small_config(mode="cascade")).fit(clustered_embeddings, progress=False)
+    codes = q.encode(clustered_embeddings)
+    assert quantizer_metrics(clustered_embeddings, codes, q.decode(codes),
+                             q.codebook_sizes)["rel_mse"] < 0.5
+
+
+def test_bad_input_errors(fitted, clustered_embeddings):
+    bad = clustered_embeddings[:4].copy()
+    bad[2, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fitted.encode(bad)
+    with pytest.raises(ValueError, match="width 7, expected 24"):
+        fitted.encode(np.zeros((3, 7), np.float32))
+    with pytest.raises(ValueError, match="empty input"):
+        fitted.encode(np.zeros((0, 24), np.float32))
+    with pytest.raises(ValueError, match="at least that many training rows"):
+        MmDictQuantizer(small_config()).fit(clustered_embeddings[:10], progress=False)
+    with pytest.raises(ValueError, match="mode must be"):
+        MmDictConfig(mode="sideways")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        MmDictQuantizer().encode(clustered_embeddings)
+
+
+def test_faiss_code_unpacking_round_trips(clustered_embeddings):
+    rq = FaissRQ([4, 16, 64], beam_size=1).fit(clustered_embeddings)
+    codes = rq.encode(clustered_embeddings[:50])
+    assert codes.shape == (50, 3) and (codes.max(0) < [4, 16, 64]).all()
+    # our unpacked codes decode to what faiss decodes from its own packed codes
+    packed = rq.index.compute_codes(clustered_embeddings[:50])
+    np.testing.assert_allclose(rq.decode(codes), rq.index.decode(packed), atol=1e-6)
