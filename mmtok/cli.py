@@ -29,7 +29,8 @@ def _int_list(text: str) -> list[int]:
 def cmd_demo(args: argparse.Namespace) -> None:
     from mmtok.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+    run_demo(args.out, seed=args.seed, epochs=args.epochs, quantizer=args.quantizer,
+             quantizer_steps=args.quantizer_steps, progress=not args.quiet)
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> None:
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="max ranker epochs (default: config)")
+    p.add_argument("--quantizer", default="rq-kmeans", choices=["rq-kmeans", "mmdict"],
+                   help="content-ID quantizer (default rq-kmeans; mmdict is the learned one)")
+    p.add_argument("--quantizer-steps", type=int, default=None,
+                   help="mmdict training steps (default: config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

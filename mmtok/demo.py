@@ -16,13 +16,27 @@ from mmdata.contracts import read_events, read_items
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items, quantizer_metrics
+from quantizer.mmdict import MmDictConfig, MmDictQuantizer
 from ranker import RankerConfig, quantization_loss, run_variants
 
 DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
 
 
+def build_quantizer(kind: str, *, seed: int, steps: int | None = None):
+    """The demo's quantizer: "rq-kmeans" (default until the learned MmDict quantizer
+    beats faiss RQ on held-out data; see benchmarks/README.md) or "mmdict"."""
+    if kind == "mmdict":
+        config = MmDictConfig(seed=seed, **({"steps": steps} if steps else {}))
+        return MmDictQuantizer(config), config
+    if kind == "rq-kmeans":
+        config = ResidualKMeansConfig(seed=seed)
+        return ResidualKMeansQuantizer(config), config
+    raise ValueError(f"unknown quantizer {kind!r}: choose 'mmdict' or 'rq-kmeans'")
+
+
 def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
-             variants: list[str] | None = None, progress: bool = True) -> dict:
+             variants: list[str] | None = None, quantizer: str = "rq-kmeans",
+             quantizer_steps: int | None = None, progress: bool = True) -> dict:
     """Runs the whole pipeline on MovieLens-100K; returns what ``metrics.json`` holds."""
     out = Path(out_dir)
     data = out / "data"
@@ -48,8 +62,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
     log(f"embedded item text with {encoder.name}: {embeddings.vectors.shape}")
 
     t = time.perf_counter()
-    qconfig = ResidualKMeansConfig(seed=seed)
-    quantizer = ResidualKMeansQuantizer(qconfig).fit(embeddings.vectors)
+    quantizer, qconfig = build_quantizer(quantizer, seed=seed, steps=quantizer_steps)
+    quantizer.fit(embeddings.vectors, progress=progress)
     codes_frame = encode_items(quantizer, embeddings)
     codes_frame.write_parquet(data / "item_codes.parquet")
     quantizer.save(out / "quantizer")

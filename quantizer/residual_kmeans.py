@@ -69,7 +69,8 @@ class ResidualKMeansQuantizer:
         self.codebooks: list[np.ndarray] = []  # one (k, d) per code column
         self.dim: int | None = None
 
-    def fit(self, x: np.ndarray) -> "ResidualKMeansQuantizer":
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "ResidualKMeansQuantizer":
+        """x: (n, d) float32. ``progress`` is accepted for interface parity (k-means is fast)."""
         import faiss
 
         x = check_input(x)

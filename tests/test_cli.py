@@ -10,7 +10,8 @@ from mmtok.cli import main
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--quantizer", "mmdict",
+                 "--quantizer-steps", "60", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "ids_dense"}
     for m in metrics["variants"].values():
@@ -21,6 +22,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (out / "variant_auc.png").stat().st_size > 10_000
     codes = pl.read_parquet(out / "data" / "item_codes.parquet")
     assert codes.height == 1682 and "code_l_1" in codes.columns
+    assert metrics["quantizer"]["kind"] == "mmdict"
+    assert (out / "quantizer" / "weights.safetensors").exists()
     # the MLflow store holds the parent run and one nested run per variant
     import mlflow
 
@@ -34,6 +37,16 @@ def test_demo_end_to_end(tmp_path, capsys):
 def test_data_featurize_quantize_commands(tmp_path):
     assert main(["data", "synthetic", "--out", str(tmp_path / "w"), "--items", "500",
                  "--users", "100", "--events", "3000", "--dim", "16", "--quiet"]) == 0
+    assert main(["bench-quantizer", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),
+                 "--out", str(tmp_path / "bq"), "--scale-sizes", "4,8", "--steps", "30",
+                 "--quiet"]) == 0
+    bench = json.loads((tmp_path / "bq" / "metrics.json").read_text())
+    assert set(bench["quantizers"]) == {"mmtok", "faiss_rq", "faiss_pq", "kmeans", "lsh"}
+    for name, m in bench["quantizers"].items():
+        assert {"bits", "rel_mse", "recall_at_10", "kendall_tau", "utilization", "collision_rate",
+                "fit_s", "encode_items_per_s"} <= set(m), name
+        assert m["bits"] == (3 if name == "kmeans" else 10)
+    assert (tmp_path / "bq" / "quality.png").exists() and (tmp_path / "bq" / "code_usage.png").exists()
     assert main(["quantize", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),
                  "--out", str(tmp_path / "q"), "--scale-sizes", "4,8"]) == 0
     codes = pl.read_parquet(tmp_path / "q" / "item_codes.parquet")
