@@ -291,16 +291,20 @@ class MmDictQuantizer:
             net.encoder.weight.copy_(axes)
             net.encoder.bias.copy_(-(mean @ axes.T))
             z = net.encoder(x)
+            books = self._faiss_rq_codebooks(z) if cfg.mode == "cascade" else None
             residual = z.clone()
             for s, levels in enumerate(net._scale_slices()):
                 if cfg.mode == "parallel":
                     residual = z.clone()
                 for j in levels:
-                    k = len(net.codebooks[j])
-                    km = faiss.Kmeans(net.latent_dim, k, niter=20, seed=cfg.seed + j,
-                                      min_points_per_centroid=1, max_points_per_centroid=256)
-                    km.train(np.ascontiguousarray(residual.numpy()))
-                    book = torch.from_numpy(km.centroids)
+                    if books is not None:
+                        book = books[j]
+                    else:
+                        km = faiss.Kmeans(net.latent_dim, len(net.codebooks[j]), niter=20,
+                                          seed=cfg.seed + j, min_points_per_centroid=1,
+                                          max_points_per_centroid=256)
+                        km.train(np.ascontiguousarray(residual.numpy()))
+                        book = torch.from_numpy(km.centroids)
                     net.codebooks[j].copy_(book)
                     residual = residual - book[nearest_code(residual, book)]
             decoder_w = axes.T  # (d, latent)
@@ -308,6 +312,25 @@ class MmDictQuantizer:
                 decoder_w = torch.cat([decoder_w / len(cfg.scale_sizes)] * len(cfg.scale_sizes), 1)
             net.decoder.weight.copy_(decoder_w)
             net.decoder.bias.copy_(mean)
+
+    def _faiss_rq_codebooks(self, z: torch.Tensor) -> list[torch.Tensor] | None:
+        """A cascade's codebooks from faiss' residual quantizer trainer (beam search),
+        which generalises better than greedy per-level k-means; None when a codebook
+        size is not a power of two (faiss' requirement)."""
+        import faiss
+
+        sizes = self.codebook_sizes
+        nbits = [int(round(math.log2(k))) for k in sizes]
+        if any(1 << b != k for b, k in zip(nbits, sizes)):
+            return None
+        vec = faiss.UInt64Vector()
+        for b in nbits:
+            vec.push_back(b)
+        rq = faiss.ResidualQuantizer(z.shape[1], vec)
+        rq.max_beam_size = 5
+        rq.train(np.ascontiguousarray(z[:100_000].numpy()))
+        flat = torch.from_numpy(faiss.vector_to_array(rq.codebooks).reshape(-1, z.shape[1]).copy())
+        return list(torch.split(flat, sizes))
 
     def fit(self, x: np.ndarray, *, progress: bool = True) -> "MmDictQuantizer":
         x_np = check_input(x)
