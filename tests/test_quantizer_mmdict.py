@@ -95,8 +95,9 @@ def test_dead_codes_are_restarted(clustered_embeddings):
     assert restarted == 1 and net.codebooks[5].data[3].abs().max() < 100
 
 
-def test_cascade_mode_trains_too(clustered_embeddings):
-    q = MmDictQuantizer(small_config(mode="cascade")).fit(clustered_embeddings, progress=False)
+def test_parallel_mode_trains_too(clustered_embeddings):
+    q = MmDictQuantizer(small_config(mode="parallel", lr_codebooks=1e-3)).fit(
+        clustered_embeddings, progress=False)
     codes = q.encode(clustered_embeddings)
     assert quantizer_metrics(clustered_embeddings, codes, q.decode(codes),
                              q.codebook_sizes)["rel_mse"] < 0.5
@@ -126,3 +127,17 @@ def test_faiss_code_unpacking_round_trips(clustered_embeddings):
     # our unpacked codes decode to what faiss decodes from its own packed codes
     packed = rq.index.compute_codes(clustered_embeddings[:50])
     np.testing.assert_allclose(rq.decode(codes), rq.index.decode(packed), atol=1e-6)
+
+
+def test_beam_search_never_loses_to_greedy(clustered_embeddings):
+    q = MmDictQuantizer(small_config(steps=1, beam_size=1)).fit(clustered_embeddings, progress=False)
+    z = q.net.encoder(torch.from_numpy(clustered_embeddings))
+    greedy = q.net.search_codes(z)  # beam 1
+    q.net.config.beam_size = 8
+    beam = q.net.search_codes(z)
+
+    def error(codes):
+        return (z - sum(q.net.codebooks[j][codes[:, j]] for j in range(6))).pow(2).sum(1)
+
+    assert (error(beam) <= error(greedy) + 1e-5).all()
+    assert error(beam).mean() < error(greedy).mean()
