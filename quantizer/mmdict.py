@@ -400,7 +400,8 @@ class MmDictQuantizer:
         order = torch.randperm(len(x_np), generator=generator)
         cursor = 0
         net.train()
-        for step in tqdm(range(1, total + 1), desc="fit mmdict", unit="step", disable=not progress):
+        for step in tqdm(range(1, total + 1), desc="fit mmdict", unit="step", disable=not progress,
+                         mininterval=1.0):
             if cursor + batch > len(order):
                 order, cursor = torch.randperm(len(x_np), generator=generator), 0
             xb = x_all[order[cursor:cursor + batch]].to(device)

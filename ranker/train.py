@@ -66,7 +66,7 @@ def train_ranker(features: FeatureEncoder, train: EncodedEvents, valid: EncodedE
         losses = []
         start = time.perf_counter()
         bar = tqdm(range(n_batches), desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", disable=not progress, leave=False)
+                   unit="batch", disable=not progress, leave=False, mininterval=1.0)
         for b in bar:
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
             dense, kjt, labels = features.batch(train, index, item_id_dropout=config.item_id_dropout,
