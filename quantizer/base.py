@@ -3,6 +3,8 @@ plus the helpers that turn codes into the item-codes contract."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -32,6 +34,41 @@ class Quantizer(Protocol):
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes: (n, n_codes) int64 -> reconstructions (n, d) float32."""
+
+
+def scale_code_layout(scale_sizes: list[int], levels: int) -> tuple[list[str], list[int]]:
+    """Checks a (scales x levels) layout; returns the code column names and sizes.
+
+    Example: ``scale_code_layout([16, 64], 2)`` ->
+    ``(["code_s_0", "code_s_1", "code_m_0", "code_m_1"], [16, 16, 64, 64])``.
+    """
+    if not scale_sizes or len(scale_sizes) > len(SCALE_NAMES):
+        raise ValueError(f"scale_sizes: 1..{len(SCALE_NAMES)} scales, got {scale_sizes}")
+    if any(k < 2 for k in scale_sizes) or levels < 1:
+        raise ValueError(f"codebook sizes must be >= 2 and levels >= 1, got "
+                         f"{scale_sizes} x {levels}")
+    names = [f"code_{SCALE_NAMES[s]}_{lvl}" for s in range(len(scale_sizes)) for lvl in range(levels)]
+    sizes = [k for k in scale_sizes for _ in range(levels)]
+    return names, sizes
+
+
+def write_quantizer_meta(directory: str | Path, meta: dict) -> Path:
+    """Creates ``directory`` and writes ``quantizer.json`` (kind, dim, config, ...)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "quantizer.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def read_quantizer_meta(directory: str | Path, kind: str) -> dict:
+    """Reads ``quantizer.json`` and refuses a directory that holds another kind."""
+    path = Path(directory) / "quantizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no quantizer.json - not a saved quantizer")
+    meta = json.loads(path.read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {kind!r}")
+    return meta
 
 
 def total_bits(codebook_sizes: list[int]) -> float:

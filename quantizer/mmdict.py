@@ -32,7 +32,6 @@ arXiv 2209.11727) in the spirit of RQ-VAE (arXiv 2203.01941) and QINCo (ICML 202
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantizer.base import SCALE_NAMES, check_codes, check_input
+from quantizer.base import (check_codes, check_input, read_quantizer_meta, scale_code_layout,
+                            write_quantizer_meta)
 from quantizer.residual_kmeans import nearest_code
 
 
@@ -98,11 +98,7 @@ class MmDictConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if not self.scale_sizes or len(self.scale_sizes) > len(SCALE_NAMES):
-            raise ValueError(f"scale_sizes: 1..{len(SCALE_NAMES)} scales, got {self.scale_sizes}")
-        if any(k < 2 for k in self.scale_sizes) or self.levels < 1:
-            raise ValueError(f"codebook sizes must be >= 2 and levels >= 1, got "
-                             f"{self.scale_sizes} x {self.levels}")
+        scale_code_layout(self.scale_sizes, self.levels)
         if self.mode not in ("cascade", "parallel"):
             raise ValueError(f"mode must be 'cascade' or 'parallel', got {self.mode!r}")
 
@@ -301,9 +297,7 @@ class MmDictQuantizer:
     def __init__(self, config: MmDictConfig | None = None) -> None:
         self.config = config or MmDictConfig()
         cfg = self.config
-        self.code_names = [f"code_{SCALE_NAMES[s]}_{lvl}"
-                           for s in range(len(cfg.scale_sizes)) for lvl in range(cfg.levels)]
-        self.codebook_sizes = [k for k in cfg.scale_sizes for _ in range(cfg.levels)]
+        self.code_names, self.codebook_sizes = scale_code_layout(cfg.scale_sizes, cfg.levels)
         self.net: MultiScaleResidualQuantizer | None = None
         self.history: list[dict] = []
 
@@ -493,24 +487,19 @@ class MmDictQuantizer:
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = write_quantizer_meta(directory, {
+            "kind": self.kind, "dim": self.net.dim, "config": asdict(self.config),
+            "history": self.history})
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(directory / "weights.safetensors"))
-        meta = {"kind": self.kind, "dim": self.net.dim, "config": asdict(self.config),
-                "history": self.history}
-        (directory / "quantizer.json").write_text(json.dumps(meta, indent=2))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> "MmDictQuantizer":
-        directory = Path(directory)
-        meta = json.loads((directory / "quantizer.json").read_text())
-        if meta.get("kind") != cls.kind:
-            raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {cls.kind!r}")
+        meta = read_quantizer_meta(directory, cls.kind)
         quantizer = cls(MmDictConfig(**meta["config"]))
         quantizer.net = MultiScaleResidualQuantizer(int(meta["dim"]), quantizer.config)
-        quantizer.net.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        quantizer.net.load_state_dict(load_file(str(Path(directory) / "weights.safetensors")))
         quantizer.net.eval()
         quantizer.history = meta.get("history", [])
         return quantizer

@@ -8,7 +8,6 @@ learned encoder: it is the baseline the learned MmDict quantizer must beat.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from quantizer.base import SCALE_NAMES, check_codes, check_input
+from quantizer.base import (SCALE_NAMES, check_codes, check_input, read_quantizer_meta,
+                            scale_code_layout,
+                            write_quantizer_meta)
 
 
 @dataclass
@@ -31,11 +32,7 @@ class ResidualKMeansConfig:
     batch_size: int = 65_536
 
     def __post_init__(self) -> None:
-        if not self.scale_sizes or len(self.scale_sizes) > len(SCALE_NAMES):
-            raise ValueError(f"scale_sizes: 1..{len(SCALE_NAMES)} scales, got {self.scale_sizes}")
-        if any(k < 2 for k in self.scale_sizes) or self.levels < 1:
-            raise ValueError(f"codebook sizes must be >= 2 and levels >= 1, got "
-                             f"{self.scale_sizes} x {self.levels}")
+        scale_code_layout(self.scale_sizes, self.levels)
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -63,9 +60,7 @@ class ResidualKMeansQuantizer:
     def __init__(self, config: ResidualKMeansConfig | None = None) -> None:
         self.config = config or ResidualKMeansConfig()
         cfg = self.config
-        self.code_names = [f"code_{SCALE_NAMES[s]}_{lvl}"
-                           for s in range(len(cfg.scale_sizes)) for lvl in range(cfg.levels)]
-        self.codebook_sizes = [k for k in cfg.scale_sizes for _ in range(cfg.levels)]
+        self.code_names, self.codebook_sizes = scale_code_layout(cfg.scale_sizes, cfg.levels)
         self.codebooks: list[np.ndarray] = []  # one (k, d) per code column
         self.dim: int | None = None
 
@@ -131,22 +126,17 @@ class ResidualKMeansQuantizer:
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = write_quantizer_meta(
+            directory, {"kind": self.kind, "dim": self.dim, "config": asdict(self.config)})
         save_file({f"codebook_{j}": c for j, c in enumerate(self.codebooks)},
                   str(directory / "codebooks.safetensors"))
-        meta = {"kind": self.kind, "dim": self.dim, "config": asdict(self.config)}
-        (directory / "quantizer.json").write_text(json.dumps(meta, indent=2))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> "ResidualKMeansQuantizer":
-        directory = Path(directory)
-        meta = json.loads((directory / "quantizer.json").read_text())
-        if meta.get("kind") != cls.kind:
-            raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {cls.kind!r}")
+        meta = read_quantizer_meta(directory, cls.kind)
         quantizer = cls(ResidualKMeansConfig(**meta["config"]))
-        tensors = load_file(str(directory / "codebooks.safetensors"))
+        tensors = load_file(str(Path(directory) / "codebooks.safetensors"))
         quantizer.codebooks = [tensors[f"codebook_{j}"] for j in range(len(quantizer.codebook_sizes))]
         quantizer.dim = int(meta["dim"])
         return quantizer
