@@ -262,8 +262,10 @@ def read_events(path: str | Path) -> pl.DataFrame:
     return validate_events(_read_parquet(path, "events"), path)
 
 
-def context_columns(df: pl.DataFrame) -> tuple[list[str], list[str]]:
-    """The optional ``cat_*`` and ``dense_*`` columns of an events frame, in order."""
-    cats = [c for c in df.columns if c.startswith("cat_")]
-    denses = [c for c in df.columns if c.startswith("dense_")]
+def context_columns(frame: pl.DataFrame | pl.Schema) -> tuple[list[str], list[str]]:
+    """The optional ``cat_*`` and ``dense_*`` columns of an events frame (or its schema),
+    in order."""
+    names = list(frame.columns if isinstance(frame, pl.DataFrame) else frame.names())
+    cats = [c for c in names if c.startswith("cat_")]
+    denses = [c for c in names if c.startswith("dense_")]
     return cats, denses

@@ -125,14 +125,14 @@ class FeatureEncoder:
     and index batches into ``(dense, kjt, labels)``.
 
     Args:
-        train: training events (contract frame).
+        train: training events (contract frame, or a LazyFrame scan of one).
         content: the items' content tables.
         use_codes: feed the item's content IDs as sparse features.
         use_dense_content: feed the item's content vector as dense input.
         min_count: ids seen fewer times in training share the out-of-vocabulary row.
     """
 
-    def __init__(self, train: pl.DataFrame, content: ItemContent, *, use_codes: bool,
+    def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,
                  use_dense_content: bool, min_count: int = 1) -> None:
         if use_codes and content.codes is None:
             raise ValueError("use_codes=True needs ItemContent.codes")
@@ -141,15 +141,25 @@ class FeatureEncoder:
         self.content = content
         self.use_codes = use_codes
         self.use_dense_content = use_dense_content
-        self.cat_names, self.dense_names = context_columns(train)
-        self.vocabs = {"user_id": IdVocab.fit(train["user_id"].to_numpy(), min_count=min_count),
-                       "item_id": IdVocab.fit(train["item_id"].to_numpy(), min_count=min_count)}
-        for name in self.cat_names:
-            self.vocabs[name] = IdVocab.fit(train[name].to_numpy(), min_count=min_count)
+        # A LazyFrame (e.g. a parquet scan too big for memory) is read one column at a time.
+        schema = train.collect_schema() if isinstance(train, pl.LazyFrame) else train.schema
+        self.cat_names, self.dense_names = context_columns(schema)
+
+        def column(name: str) -> np.ndarray:
+            if isinstance(train, pl.LazyFrame):
+                return train.select(name).collect()[name].to_numpy()
+            return train[name].to_numpy()
+
+        self.vocabs = {name: IdVocab.fit(column(name), min_count=min_count)
+                       for name in ["user_id", "item_id", *self.cat_names]}
         if self.dense_names:
-            ctx = train.select(self.dense_names).to_numpy().astype(np.float64)
-            self.dense_mean = ctx.mean(0).astype(np.float32)
-            self.dense_std = np.maximum(ctx.std(0), 1e-6).astype(np.float32)
+            stats = train.lazy().select(
+                [pl.col(c).cast(pl.Float64).mean().alias(f"m_{c}") for c in self.dense_names]
+                + [pl.col(c).cast(pl.Float64).std(ddof=0).alias(f"s_{c}") for c in self.dense_names]
+            ).collect()
+            self.dense_mean = np.array([stats[f"m_{c}"][0] for c in self.dense_names], np.float32)
+            self.dense_std = np.maximum(
+                np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
         self.code_names = list(content.code_names) if use_codes else []
         self.sparse_names = self.id_names + self.code_names

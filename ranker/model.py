@@ -38,6 +38,10 @@ class RankerConfig:
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     seed: int = 0
+    # Intra-op threads while training. The MLPs and batches are small, so threads mostly
+    # wait on each other (measured: 1 thread ran ~10x faster than 2 on a busy 2-core
+    # machine); scale out with torchrun processes instead.
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.dense_arch[-1] != self.embedding_dim:

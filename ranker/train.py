@@ -1,15 +1,23 @@
-"""Training and evaluation of one ranker variant (single process, CPU)."""
+"""Training and evaluation of one ranker variant: one process, or many under
+``torchrun`` with TorchRec's ``DistributedModelParallel`` (tables sharded across
+ranks, gloo on CPU, nccl on GPU), with atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
+from ranker.checkpoint import (CheckpointError, ShardedTensor, copy_into, flatten_state, latest_checkpoint,
+                               load_checkpoint, prune_checkpoints, save_checkpoint,
+                               unflatten_state)
+from ranker.data import InMemoryBatches, ParquetBatches, Shard
 from ranker.features import EncodedEvents, FeatureEncoder
 from ranker.metrics import auc, ranking_metrics
 from ranker.model import RankerConfig, RankingModel
@@ -17,84 +25,279 @@ from ranker.model import RankerConfig, RankingModel
 
 @dataclass
 class TrainResult:
-    model: RankingModel
+    model: nn.Module
     # One dict per epoch: train_loss, valid_auc, seconds.
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     train_examples_per_s: float = 0.0
+    # True when the run continued from a checkpoint.
+    resumed: bool = False
 
 
-@torch.inference_mode()
-def predict(model: RankingModel, features: FeatureEncoder, events: EncodedEvents,
+def current_shard() -> Shard:
+    """This process' rank and world size (0 of 1 outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
+
+
+def ensure_process_group() -> None:
+    """Training always runs under TorchRec's ``DistributedModelParallel``; a process
+    not started by ``torchrun`` becomes a world of one (an in-process store, no
+    network). That way one process and many run the same code and the same fused
+    sparse optimizer, which updates only the table rows a batch touched."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def build_model(features: FeatureEncoder, config: RankerConfig
+                ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """``(model, sparse_optimizer, dense_optimizer)``: the ``RankingModel`` wrapped in
+    ``DistributedModelParallel`` with a plan from TorchRec's planner (gloo on CPU, nccl
+    on GPU). Table updates run fused into the backward pass (exact Adagrad on the rows
+    a batch touched); the MLPs are data-parallel under Adam."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingType
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    ensure_process_group()
+    torch.manual_seed(config.seed)
+    model = RankingModel(features.sparse_names, features.sparse_sizes,
+                         features.dense_in_features, config)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    apply_optimizer_in_backward(torch.optim.Adagrad, model.sparse_parameters(),
+                                {"lr": config.lr_sparse})
+    topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
+    # Every table table-wise with the fused kernel: the planner would make small tables
+    # data-parallel, and those do not take the fused in-backward Adagrad step.
+    constraints = {f"t_{name}": ParameterConstraints(
+        sharding_types=[ShardingType.TABLE_WISE.value],
+        compute_kernels=[EmbeddingComputeKernel.FUSED.value]) for name in features.sparse_names}
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+        model, None, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=device, plan=plan)
+    dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    dense_opt = torch.optim.Adam(dense_params, lr=config.lr_dense, weight_decay=config.weight_decay)
+    return dmp, dmp.fused_optimizer, dense_opt
+
+
+@torch.no_grad()
+def unshard_model(trained: nn.Module, features: FeatureEncoder, config: RankerConfig) -> RankingModel:
+    """A plain ``RankingModel`` with the weights of a one-process DMP model (for
+    serving and export). With several processes each rank holds only its shards."""
+    if dist.get_world_size() != 1:
+        raise RuntimeError("unshard_model needs a one-process model")
+    plain = RankingModel(features.sparse_names, features.sparse_sizes,
+                         features.dense_in_features, config)
+    state = {}
+    for key, value in trained.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            (shard,) = value.local_shards()
+            value = shard.tensor
+        state[key.removeprefix("module.")] = value.detach().clone()
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, features: FeatureEncoder, events: EncodedEvents,
             *, batch_size: int = 4096) -> np.ndarray:
-    """Click probabilities, (N,) float64."""
+    """Click probabilities, (N,) float64, in event order.
+
+    In a process group every rank scores every ``world_size``-th event (padded so all
+    ranks take the same steps) and the scores are gathered, so each rank returns all N.
+    """
     model.eval()
+    shard = current_shard()
+    n = len(events)
+    rows = torch.arange(shard.rank, n, shard.world_size)
+    per_rank = -(-n // shard.world_size)
+    if len(rows) < per_rank:  # pad with a real row; its score is dropped below
+        rows = torch.cat([rows, torch.zeros(per_rank - len(rows), dtype=torch.int64)])
     out = []
-    for start in range(0, len(events), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(events)))
-        dense, kjt, _ = features.batch(events, index)
-        out.append(torch.sigmoid(model(dense, kjt)).double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    for start in range(0, per_rank, batch_size):
+        dense, kjt, _ = features.batch(events, rows[start:start + batch_size])
+        out.append(torch.sigmoid(model(dense, kjt).float()).double())
+    probs = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    if shard.world_size > 1:
+        gathered = [torch.empty_like(probs) for _ in range(shard.world_size)]
+        dist.all_gather(gathered, probs)
+        probs = torch.stack(gathered, dim=1).reshape(-1)[:n]  # row r + k*W sits at k*W + r
+    model.train()
+    return probs.numpy()
 
 
-def evaluate(model: RankingModel, features: FeatureEncoder, events: EncodedEvents) -> dict:
+def evaluate(model: nn.Module, features: FeatureEncoder, events: EncodedEvents) -> dict:
     probs = predict(model, features, events)
     return ranking_metrics(events.labels.numpy(), probs, events.is_cold.numpy())
 
 
-def train_ranker(features: FeatureEncoder, train: EncodedEvents, valid: EncodedEvents,
-                 config: RankerConfig, *, progress: bool = True, desc: str = "train") -> TrainResult:
+def _model_state(model: nn.Module, tensors: dict, prefix: str) -> dict:
+    return flatten_state(model.state_dict(), prefix, tensors)
+
+
+def _restore_model(model: nn.Module, skeleton, tensors: dict, where: str) -> None:
+    copy_into(model.state_dict(), unflatten_state(skeleton, tensors), where)
+
+
+def _optimizer_state(opt: torch.optim.Optimizer, tensors: dict, prefix: str):
+    return flatten_state(opt.state_dict(), prefix, tensors)
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, skeleton, tensors: dict, where: str) -> None:
+    saved = unflatten_state(skeleton, tensors)
+    if isinstance(opt, (torch.optim.Adagrad, torch.optim.Adam)):
+        opt.load_state_dict(saved)
+    else:  # TorchRec's fused optimizer: its state tensors are the live (sharded) buffers
+        copy_into(opt.state_dict()["state"], saved["state"], where)
+
+
+def train_ranker(features: FeatureEncoder, train: EncodedEvents | InMemoryBatches | ParquetBatches,
+                 valid: EncodedEvents, config: RankerConfig, *, progress: bool = True,
+                 desc: str = "train", checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int = 0, resume: bool = False,
+                 stop_after_steps: int | None = None) -> TrainResult:
     """Trains with early stopping on validation AUC; returns the best epoch's model.
 
-    Embedding tables use Adagrad (the usual choice for sparse rows), the MLPs Adam.
+    Args:
+        features: the fitted feature encoder.
+        train: training events in memory, or a batch source (``ranker.data``).
+        valid: validation events (in memory; every rank scores its share).
+        config: architecture and optimisation.
+        checkpoint_dir: where checkpoints go; one is written at every epoch end and
+            every ``checkpoint_every`` steps (0: epoch ends only).
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir``;
+            an error if there is none. Without it, an existing checkpoint is an error
+            too (a run never silently starts over or overwrites another).
+        stop_after_steps: end the run after this many optimizer steps (tests, smoke runs).
     """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, config)
-    sparse_opt = torch.optim.Adagrad(model.sparse_parameters(), lr=config.lr_sparse)
-    dense_opt = torch.optim.Adam(model.dense_parameters(), lr=config.lr_dense,
-                                 weight_decay=config.weight_decay)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        return _train(features, train, valid, config, progress=progress, desc=desc,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                      resume=resume, stop_after_steps=stop_after_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, checkpoint_every,
+           resume, stop_after_steps) -> TrainResult:
+    shard = current_shard()
+    source = InMemoryBatches(features, train, batch_size=config.batch_size, seed=config.seed,
+                             shard=shard) if isinstance(train, EncodedEvents) else train
+    model, sparse_opt, dense_opt = build_model(features, config)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     result = TrainResult(model=model)
-    best_auc, best_state, stale = -1.0, None, 0
-    seen, train_seconds = 0, 0.0
-    for epoch in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(train), generator=generator)
-        n_batches = (len(train) + config.batch_size - 1) // config.batch_size
-        losses = []
+    progress = progress and shard.rank == 0
+    # Everything a resumed run needs besides the tensors.
+    state = {"epoch": 0, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
+             "stale": 0, "history": [], "loss_sum": 0.0, "loss_n": 0, "seen": 0,
+             "train_seconds": 0.0, "epoch_seconds": 0.0}
+    best: dict[str, torch.Tensor] = {}
+    best_skeleton = None
+
+    if checkpoint_dir is not None:
+        found = latest_checkpoint(checkpoint_dir, shard.world_size)
+        if resume and found is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {checkpoint_dir}")
+        if not resume and found is not None:
+            raise CheckpointError(f"{checkpoint_dir} already holds checkpoints ({found.name}); "
+                                  "pass --resume to continue that run or choose a new directory")
+        if resume:
+            tensors, saved = load_checkpoint(found / f"rank{shard.rank}.safetensors")
+            if saved["world_size"] != shard.world_size:
+                raise CheckpointError(f"{found}: written by {saved['world_size']} processes, "
+                                      f"resuming with {shard.world_size}")
+            _restore_model(model, saved["model"], tensors, "model")
+            _restore_optimizer(sparse_opt, saved["sparse_opt"], tensors, "sparse optimizer")
+            _restore_optimizer(dense_opt, saved["dense_opt"], tensors, "dense optimizer")
+            best = {k: v for k, v in tensors.items() if k.startswith("best/")}
+            best_skeleton = saved["best"]
+            state = saved["progress"]
+            result.resumed = True
+            if progress:
+                tqdm.write(f"{desc}: resumed from {found} (epoch {state['epoch'] + 1}, "
+                           f"step {state['step']})")
+    elif resume:
+        raise CheckpointError("--resume needs a checkpoint directory")
+
+    def checkpoint() -> None:
+        if checkpoint_dir is None:
+            return
+        tensors: dict[str, torch.Tensor] = dict(best)
+        saved = {"world_size": shard.world_size, "progress": state, "best": best_skeleton,
+                 "model": _model_state(model, tensors, "model"),
+                 "sparse_opt": _optimizer_state(sparse_opt, tensors, "sparse_opt"),
+                 "dense_opt": _optimizer_state(dense_opt, tensors, "dense_opt")}
+        save_checkpoint(checkpoint_dir, state["global_step"], shard.rank, tensors, saved)
+        if shard.world_size > 1:
+            dist.barrier()
+        if shard.rank == 0:
+            prune_checkpoints(checkpoint_dir, Path(checkpoint_dir) / f"step-{state['global_step']:08d}")
+
+    model.train()
+    while state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        n_batches = source.num_batches(epoch)
+        bar = tqdm(total=n_batches, initial=state["step"], unit="batch", leave=False,
+                   desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                   mininterval=1.0)
         start = time.perf_counter()
-        bar = tqdm(range(n_batches), desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", disable=not progress, leave=False, mininterval=1.0)
-        for b in bar:
-            index = order[b * config.batch_size:(b + 1) * config.batch_size]
-            dense, kjt, labels = features.batch(train, index, item_id_dropout=config.item_id_dropout,
-                                                generator=generator)
+        for dense, kjt, labels in source.batches(epoch, item_id_dropout=config.item_id_dropout,
+                                                 start=state["step"]):
             loss = loss_fn(model(dense, kjt), labels)
             sparse_opt.zero_grad()
             dense_opt.zero_grad()
             loss.backward()
             sparse_opt.step()
             dense_opt.step()
-            losses.append(loss.item())
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        seen += len(train)
+            state["loss_sum"] += loss.item()
+            state["loss_n"] += 1
+            state["seen"] += len(labels) * shard.world_size
+            state["step"] += 1
+            state["global_step"] += 1
+            bar.update(1)
+            if checkpoint_every and state["global_step"] % checkpoint_every == 0 \
+                    and state["step"] < n_batches:
+                state["epoch_seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoint()
+            if stop_after_steps is not None and state["global_step"] >= stop_after_steps:
+                bar.close()
+                result.model = model
+                return result
+        bar.close()
+        seconds = state["epoch_seconds"] + time.perf_counter() - start
+        state["train_seconds"] += seconds
         valid_auc = auc(valid.labels.numpy(), predict(model, features, valid))
-        result.history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                               "valid_auc": valid_auc, "seconds": seconds})
+        train_loss = state["loss_sum"] / max(state["loss_n"], 1)
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss,
+                                 "valid_auc": valid_auc, "seconds": seconds})
         if progress:
-            tqdm.write(f"{desc} epoch {epoch + 1}: train loss {np.mean(losses):.4f}  "
+            tqdm.write(f"{desc} epoch {epoch + 1}: train loss {train_loss:.4f}  "
                        f"valid AUC {valid_auc:.4f}  ({seconds:.1f}s)")
-        if valid_auc > best_auc:
-            best_auc, best_state, stale = valid_auc, copy.deepcopy(model.state_dict()), 0
-            result.best_epoch = epoch + 1
+        state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0, epoch_seconds=0.0)
+        stop = False
+        if valid_auc > state["best_auc"]:
+            state.update(best_auc=valid_auc, best_epoch=epoch + 1, stale=0)
+            best = {}
+            best_skeleton = _model_state(model, best, "best")
         else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.train_examples_per_s = seen / max(train_seconds, 1e-9)
+            state["stale"] += 1
+            stop = state["stale"] >= config.patience
+        if stop:
+            state["epoch"] = config.epochs
+        checkpoint()
+    if best_skeleton is not None:
+        _restore_model(model, best_skeleton, best, "best model")
+    if shard.world_size == 1:
+        result.model = unshard_model(model, features, config)
+    result.history = state["history"]
+    result.best_epoch = state["best_epoch"]
+    result.train_examples_per_s = state["seen"] / max(state["train_seconds"], 1e-9)
     return result

@@ -1,0 +1,147 @@
+"""Where training batches come from: events held in memory, or a parquet file streamed
+chunk by chunk with bounded memory. Both cut the data into equal per-rank shards (every
+rank of a distributed run must take the same number of steps) and derive every random
+choice from ``(seed, epoch, step)``, so a resumed run replays exactly the batches an
+uninterrupted run would have seen.
+
+    parquet row groups   [g0][g1][g2][g3][g4][g5] ...
+    epoch e, seeded      [g4][g1][g5][g0][g3][g2]      (group order shuffled)
+    rank 0 / 2           [g4]    [g5]    [g3]          (every world_size-th group)
+    rank 1 / 2               [g1]    [g0]    [g2]
+    within a rank        rows shuffled inside a buffer of groups -> batches of B
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ranker.features import EncodedEvents, FeatureEncoder
+
+Batch = tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def _dropout_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    # One generator per step: a resumed run draws the same item-id dropout masks.
+    return torch.Generator().manual_seed(int(_rng(seed, epoch, step, rank).integers(2**62)))
+
+
+@dataclass
+class Shard:
+    """This process' part of the data: rank ``rank`` of ``world_size``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
+
+
+class InMemoryBatches:
+    """Training batches over ``EncodedEvents`` held in memory.
+
+    Each epoch draws one seeded permutation of all rows; rank r takes every
+    ``world_size``-th row of it, cut to the same length on every rank.
+    """
+
+    def __init__(self, features: FeatureEncoder, events: EncodedEvents, *, batch_size: int,
+                 seed: int, shard: Shard = Shard()) -> None:
+        self.features, self.events = features, events
+        self.batch_size, self.seed, self.shard = batch_size, seed, shard
+        per_rank = len(events) // shard.world_size
+        self._rows_per_rank = per_rank if shard.world_size > 1 else len(events)
+
+    def num_batches(self, epoch: int) -> int:
+        return -(-self._rows_per_rank // self.batch_size)
+
+    def batches(self, epoch: int, *, item_id_dropout: float = 0.0, start: int = 0
+                ) -> Iterator[Batch]:
+        """Batches of one epoch, from step ``start`` on."""
+        order = _rng(self.seed, epoch).permutation(len(self.events))
+        mine = order[self.shard.rank::self.shard.world_size][:self._rows_per_rank]
+        for step in range(start, self.num_batches(epoch)):
+            index = torch.from_numpy(mine[step * self.batch_size:(step + 1) * self.batch_size])
+            yield self.features.batch(
+                self.events, index, item_id_dropout=item_id_dropout,
+                generator=_dropout_generator(self.seed, epoch, step, self.shard.rank))
+
+
+class ParquetBatches:
+    """Training batches streamed from a parquet file of contract events.
+
+    Memory is bounded by ``buffer_groups`` row groups (write the file with
+    ``mmdata.write_split``, which shuffles training rows and sets the row-group size).
+    Row groups are dealt to ranks round-robin in a seeded per-epoch order; rows are
+    shuffled within a buffer of ``buffer_groups`` groups and cut into full batches.
+    The rows of a buffer that do not fill a batch are left out that epoch (fewer than
+    ``batch_size`` per buffer, a different few each epoch), and every rank stops after
+    the same ``num_batches(epoch)`` steps.
+    """
+
+    def __init__(self, path: str | Path, features: FeatureEncoder, *, batch_size: int,
+                 seed: int, shard: Shard = Shard(), buffer_groups: int = 4) -> None:
+        self.path, self.features = Path(path), features
+        self.batch_size, self.seed, self.shard = batch_size, seed, shard
+        self.buffer_groups = buffer_groups
+        meta = pq.ParquetFile(self.path).metadata
+        self._group_rows = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)],
+                                    dtype=np.int64)
+        self._group_start = np.concatenate([[0], np.cumsum(self._group_rows)[:-1]]).astype(np.int64)
+        self.num_rows = int(self._group_rows.sum())
+        if self.num_rows < batch_size * shard.world_size:
+            raise ValueError(f"{self.path}: {self.num_rows} training events, fewer than one "
+                             f"batch of {batch_size} per rank")
+
+    def _buffers(self, epoch: int, rank: int) -> list[np.ndarray]:
+        order = _rng(self.seed, epoch).permutation(len(self._group_rows))
+        mine = order[rank::self.shard.world_size]
+        return [mine[i:i + self.buffer_groups] for i in range(0, len(mine), self.buffer_groups)]
+
+    def _full_batches(self, buffer: np.ndarray) -> int:
+        return int(self._group_rows[buffer].sum()) // self.batch_size
+
+    def num_batches(self, epoch: int) -> int:
+        return min(sum(self._full_batches(b) for b in self._buffers(epoch, r))
+                   for r in range(self.shard.world_size))
+
+    def read_groups(self, groups: np.ndarray) -> pl.DataFrame:
+        """The rows of the given row groups (a lazy scan sliced to each group)."""
+        scan = pl.scan_parquet(self.path)
+        return pl.concat([scan.slice(int(self._group_start[g]), int(self._group_rows[g])).collect()
+                          for g in groups])
+
+    def batches(self, epoch: int, *, item_id_dropout: float = 0.0, start: int = 0
+                ) -> Iterator[Batch]:
+        """Batches of one epoch, from step ``start`` on (buffers before it are not read)."""
+        total, rank = self.num_batches(epoch), self.shard.rank
+        step = 0
+        for i, buffer in enumerate(self._buffers(epoch, rank)):
+            n_full = self._full_batches(buffer)
+            if step >= total:
+                break
+            if step + n_full <= start:
+                step += n_full
+                continue
+            encoded = self.features.encode(self.read_groups(buffer), where=str(self.path))
+            perm = torch.from_numpy(_rng(self.seed, epoch, rank, i).permutation(len(encoded)))
+            for b in range(n_full):
+                if step >= total:
+                    break
+                if step >= start:
+                    index = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                    yield self.features.batch(
+                        encoded, index, item_id_dropout=item_id_dropout,
+                        generator=_dropout_generator(self.seed, epoch, step, rank))
+                step += 1
