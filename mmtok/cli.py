@@ -110,6 +110,37 @@ def cmd_bench_quantizer(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from mmtok.train_cmd import run_train_command
+
+    metrics = run_train_command(args.config, resume=args.resume, progress=not args.quiet,
+                                out=args.out, track=not args.no_track)
+    if "auc" in metrics and _is_rank0():
+        print(f"test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
+              f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_bench_ranking(args: argparse.Namespace) -> None:
+    from mmtok.bench_ranking import run_bench_ranking
+    from ranker import RankerConfig
+    from ranker.job import TrainJob
+
+    config = TrainJob.from_toml(args.config, split_dir="-", out="-", variant="no_content").ranker \
+        if args.config else RankerConfig()
+    config = RankerConfig(**{**config.__dict__, "seed": args.seed,
+                             **({"epochs": args.epochs} if args.epochs else {})})
+    run_bench_ranking(args.events, args.item_embeddings, args.out, config=config,
+                      variants=args.variants, baselines=args.baselines,
+                      quantizer_steps=args.quantizer_steps, nproc=args.nproc, seed=args.seed,
+                      streaming=not args.in_memory, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmtok", description="Ad content as discrete IDs for TorchRec CTR ranking.")
@@ -185,16 +216,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench_quantizer)
+
+    p = sub.add_parser("train", help="train one ranker variant from a TOML job file "
+                       "(also as one rank under torchrun --nproc_per_node=N)")
+    p.add_argument("--config", required=True, type=Path, help="job TOML (see ranker/job.py)")
+    p.add_argument("--out", type=Path, default=None, help="override the job's out directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in OUT/checkpoints")
+    p.add_argument("--no-track", action="store_true", help="no MLflow run")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench-ranking",
+                       help="quantization-loss report: every variant on events + item embeddings")
+    p.add_argument("--events", required=True, type=Path, help="events parquet (contract)")
+    p.add_argument("--item-embeddings", required=True, type=Path, help="parquet or .npy")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML whose [ranker] table sets the architecture and budget")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None,
+                   help="comma-separated subset (default: all, baselines included)")
+    p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b],
+                   default=None, help="baseline quantizers for <name>_ids (default: all four)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--quantizer-steps", type=int, default=None, help="mmtok training steps")
+    p.add_argument("--nproc", type=int, default=1, help="torchrun processes per variant")
+    p.add_argument("--in-memory", action="store_true", help="load training events in memory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench_ranking)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mmdata.contracts import DataContractError
+    from ranker.checkpoint import CheckpointError
 
     try:
         args.func(args)
-    except (DataContractError, FileNotFoundError, ValueError) as exc:
+    except (DataContractError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"mmtok {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -27,6 +27,9 @@ import numpy as np
 import polars as pl
 
 from mmdata.contracts import DataContractError, code_columns, read_codes, read_embeddings
+from safetensors.torch import save_file
+
+from ranker.checkpoint import flatten_state
 from ranker.data import InMemoryBatches, ParquetBatches
 from ranker.experiment import VARIANTS
 from ranker.features import FeatureEncoder, ItemContent
@@ -136,6 +139,21 @@ def _all_item_ids(job: TrainJob) -> np.ndarray:
     return ids["item_id"].to_numpy()
 
 
+def save_model(model, directory: Path, job: TrainJob) -> Path:
+    """The trained weights, one safetensors file per rank (each rank's own shards of
+    the tables; a one-process model is the whole model), and the job beside them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shard = current_shard()
+    tensors: dict = {}
+    skeleton = flatten_state(model.state_dict(), "model", tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              str(directory / f"rank{shard.rank}.safetensors"),
+              metadata={"skeleton": json.dumps(skeleton), "world_size": str(shard.world_size)})
+    if shard.rank == 0:
+        (directory / "job.toml").write_text(job.to_toml())
+    return directory
+
+
 def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
                   stop_after_steps: int | None = None) -> dict:
     """Trains the job's variant and tests it; returns (and on rank 0 writes to
@@ -170,6 +188,7 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
                    best_epoch=trained.best_epoch, history=trained.history,
                    world_size=shard.world_size, resumed=trained.resumed,
                    wall_s=time.perf_counter() - started)
+    save_model(trained.model, out / "model", job)
     if shard.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
