@@ -1,0 +1,228 @@
+"""Training at scale: streamed batches, TOML jobs, torchrun + DMP, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mmdata import DataContractError, split_events, write_split
+from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items
+from ranker import FeatureEncoder, ItemContent, RankerConfig
+from ranker.checkpoint import CheckpointError, load_checkpoint
+from ranker.data import InMemoryBatches, ParquetBatches, Shard
+from ranker.job import TrainJob, run_train_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world_files(small_world, tmp_path_factory):
+    """The small synthetic world on disk: split (small row groups), codes, embeddings."""
+    root = tmp_path_factory.mktemp("world")
+    paths = small_world.write(root)
+    split = write_split(paths["events"], root / "split", seed=0, row_group_rows=2048)
+    q = ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[8, 32, 64], seed=0))
+    q.fit(small_world.embeddings.vectors)
+    encode_items(q, small_world.embeddings).write_parquet(root / "codes.parquet")
+    return {"root": root, "split": split, **paths, "codes": root / "codes.parquet",
+            "codebook_sizes": q.codebook_sizes}
+
+
+def _job(world_files, out, **kw) -> TrainJob:
+    ranker = kw.pop("ranker", RankerConfig(epochs=2, patience=1))
+    return TrainJob(split_dir=str(world_files["root"] / "split"), out=str(out), variant="ids",
+                    item_codes=str(world_files["codes"]),
+                    codebook_sizes=world_files["codebook_sizes"], ranker=ranker, **kw)
+
+
+def test_streamed_split_matches_the_in_memory_split(small_world, world_files):
+    mem = split_events(small_world.events, seed=0)
+    files = world_files["split"]
+    for name in ("train", "valid", "test"):
+        on_disk = pl.read_parquet(getattr(files, name))
+        expected = getattr(mem, name)
+        assert on_disk.height == expected.height
+        key = ["ts", "user_id", "item_id"]
+        assert on_disk.sort(key).equals(expected.select(on_disk.columns).sort(key))
+    # Training rows are shuffled on disk (a streaming reader needs mixed row groups).
+    assert not pl.read_parquet(files.train)["ts"].is_sorted()
+    assert files.summary["test"]["cold_rows"] == int(mem.test["is_cold"].sum())
+
+
+def test_parquet_batches_shard_the_rows_and_replay_exactly(world_files):
+    train = pl.scan_parquet(world_files["split"].train)
+    content = ItemContent(np.arange(10_000))
+    features = FeatureEncoder(train, content, use_codes=False, use_dense_content=False)
+    batches = {r: ParquetBatches(world_files["split"].train, features, batch_size=256, seed=3,
+                                 shard=Shard(r, 2), buffer_groups=2) for r in (0, 1)}
+    n = batches[0].num_batches(0)
+    assert n == batches[1].num_batches(0) > 0
+    seen = {}
+    for r, source in batches.items():
+        labels = [b[2] for b in source.batches(0)]
+        assert len(labels) == n and all(len(x) == 256 for x in labels)
+        users = torch.cat([b[1]["user_id"].values() for b in source.batches(0)])
+        seen[r] = users
+    # Resuming at step k yields exactly the batches k.. of an uninterrupted epoch.
+    full = [b[1].values() for b in batches[0].batches(1, item_id_dropout=0.3)]
+    tail = [b[1].values() for b in batches[0].batches(1, item_id_dropout=0.3, start=5)]
+    assert len(tail) == len(full) - 5
+    assert all(torch.equal(a, b) for a, b in zip(full[5:], tail))
+    # Each epoch reads a different order.
+    first0 = next(batches[0].batches(0))[1].values()
+    first1 = next(batches[0].batches(1))[1].values()
+    assert not torch.equal(first0, first1)
+    # One process keeps (almost) every row: only partial batches per buffer are left out.
+    single = ParquetBatches(world_files["split"].train, features, batch_size=256, seed=3)
+    kept = single.num_batches(0) * 256
+    assert single.num_rows - kept < 256 * len(single._buffers(0, 0))
+
+
+def test_in_memory_batches_give_every_rank_the_same_steps(small_world):
+    events = split_events(small_world.events, seed=0).train
+    features = FeatureEncoder(events, ItemContent(np.arange(10_000)), use_codes=False,
+                              use_dense_content=False)
+    encoded = features.encode(events)
+    sources = [InMemoryBatches(features, encoded, batch_size=1000, seed=0, shard=Shard(r, 2))
+               for r in (0, 1)]
+    assert sources[0].num_batches(0) == sources[1].num_batches(0)
+    assert sum(len(b[2]) for b in sources[0].batches(0)) == len(encoded) // 2
+
+
+def test_job_toml_round_trip_and_bad_keys(tmp_path, world_files):
+    job = _job(world_files, tmp_path / "run", checkpoint_every=7)
+    path = tmp_path / "job.toml"
+    path.write_text(job.to_toml())
+    again = TrainJob.from_toml(path)
+    assert again == job
+    path.write_text(job.to_toml() + "\nbatchsize = 3\n")
+    with pytest.raises(ValueError, match=r"\[ranker\] keys \['batchsize'\]"):
+        TrainJob.from_toml(path)
+    with pytest.raises(ValueError, match="needs item_codes"):
+        TrainJob(split_dir="x", out="y", variant="ids")
+    with pytest.raises(ValueError, match="choose from"):
+        TrainJob(split_dir="x", out="y", variant="idz")
+
+
+@pytest.mark.parametrize("variant", ["no_content", "dense", "recon", "ids", "ids_dense"])
+def test_every_variant_trains_and_its_loss_falls(tmp_path, world_files, variant):
+    job = TrainJob(split_dir=str(world_files["root"] / "split"), out=str(tmp_path), variant=variant,
+                   item_codes=str(world_files["codes"]),
+                   item_embeddings=str(world_files["item_embeddings"]),
+                   item_reconstructions=str(world_files["item_embeddings"]),
+                   ranker=RankerConfig(epochs=2, patience=2, lr_dense=3e-3))
+    metrics = run_train_job(job, progress=False)
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert losses[1] < losses[0]
+    assert metrics["auc"] > 0.55
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["auc"] == pytest.approx(metrics["auc"])
+    assert (tmp_path / "model" / "rank0.safetensors").exists()
+
+
+def test_codes_missing_for_an_events_item_is_a_clear_error(tmp_path, world_files):
+    codes = pl.read_parquet(world_files["codes"])
+    short = tmp_path / "codes.parquet"
+    codes.filter(pl.col("item_id") % 7 != 0).write_parquet(short)
+    job = TrainJob(split_dir=str(world_files["root"] / "split"), out=str(tmp_path / "run"),
+                   variant="ids", item_codes=str(short), ranker=RankerConfig(epochs=1))
+    with pytest.raises(DataContractError, match="item_id values have no item embedding/codes"):
+        run_train_job(job, progress=False)
+
+
+def _train_cli(config: Path, *extra: str, nproc: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mmtok.cli", "train", "--config", str(config), "--quiet",
+               "--no-track", *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "mmtok.cli", "train", "--config", str(config),
+               "--quiet", "--no-track", *extra]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_two_process_gloo_run_matches_one_process(tmp_path, world_files):
+    """torchrun, 2 ranks, tables sharded by TorchRec's planner, each rank its own rows."""
+    aucs = {}
+    for nproc in (1, 2):
+        config = tmp_path / f"job{nproc}.toml"
+        config.write_text(_job(world_files, tmp_path / f"run{nproc}",
+                               ranker=RankerConfig(epochs=3, patience=1)).to_toml())
+        _finish(_train_cli(config, nproc=nproc))
+        metrics = json.loads((tmp_path / f"run{nproc}" / "metrics.json").read_text())
+        assert metrics["world_size"] == nproc
+        aucs[nproc] = metrics["auc"]
+    assert len(list((tmp_path / "run2" / "model").glob("rank*.safetensors"))) == 2
+    assert abs(aucs[1] - aucs[2]) < 0.01, aucs
+
+
+def test_sigkill_mid_epoch_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, world_files):
+    ranker = RankerConfig(epochs=3, patience=3, batch_size=64)
+    whole, killed = tmp_path / "whole.toml", tmp_path / "killed.toml"
+    whole.write_text(_job(world_files, tmp_path / "whole", ranker=ranker).to_toml())
+    killed.write_text(_job(world_files, tmp_path / "killed", ranker=ranker,
+                           checkpoint_every=100).to_toml())
+    _finish(_train_cli(whole))
+
+    proc = _train_cli(killed)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(ckpts.glob("step-*/rank0.safetensors")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    step = int(sorted(ckpts.glob("step-*"))[-1].name.split("-")[1])
+    steps_per_epoch = world_files["split"].summary["train"]["rows"] // 64
+    assert 0 < step < steps_per_epoch  # killed mid-epoch 1
+
+    _finish(_train_cli(killed, "--resume"))
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert b["resumed"] is True
+    assert abs(a["auc"] - b["auc"]) < 0.003, (a["auc"], b["auc"])
+
+
+def test_checkpoints_refuse_corruption_and_never_start_over_silently(tmp_path, world_files):
+    job = _job(world_files, tmp_path / "run", checkpoint_every=50,
+               ranker=RankerConfig(epochs=1, batch_size=256))
+    run_train_job(job, progress=False, stop_after_steps=60)
+    (gen,) = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    tensors, state = load_checkpoint(gen / "rank0.safetensors")
+    assert state["progress"]["global_step"] == 50 and state["world_size"] == 1
+
+    # Without --resume an existing checkpoint is an error, not an overwrite.
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        run_train_job(job, progress=False)
+    # A flipped byte in the tensor data is caught by the checksum.
+    path = gen / "rank0.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        run_train_job(job, progress=False, resume=True)
+    # A truncated file is refused too.
+    path.write_bytes(bytes(raw[:100]))
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        run_train_job(job, progress=False, resume=True)
+    # --resume with nothing to resume from is an error.
+    fresh = _job(world_files, tmp_path / "fresh")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        run_train_job(fresh, progress=False, resume=True)
