@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="max ranker epochs (default: config)")
-    p.add_argument("--quantizer", default="rq-kmeans", choices=["rq-kmeans", "mmdict"],
-                   help="content-ID quantizer (default rq-kmeans; mmdict is the learned one)")
+    p.add_argument("--quantizer", default="mmdict", choices=["mmdict", "rq-kmeans"],
+                   help="content-ID quantizer: mmdict (default, the learned one) or rq-kmeans "
+                        "(three parallel k-means scales)")
     p.add_argument("--quantizer-steps", type=int, default=None,
                    help="mmdict training steps (default: config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

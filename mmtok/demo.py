@@ -23,8 +23,8 @@ DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
 
 
 def build_quantizer(kind: str, *, seed: int, steps: int | None = None):
-    """The demo's quantizer: "rq-kmeans" (default until the learned MmDict quantizer
-    beats faiss RQ on held-out data; see benchmarks/README.md) or "mmdict"."""
+    """The demo's quantizer: "mmdict" (the learned one, default) or "rq-kmeans" (three
+    parallel k-means scales, the simple baseline)."""
     if kind == "mmdict":
         config = MmDictConfig(seed=seed, **({"steps": steps} if steps else {}))
         return MmDictQuantizer(config), config
@@ -35,7 +35,7 @@ def build_quantizer(kind: str, *, seed: int, steps: int | None = None):
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
-             variants: list[str] | None = None, quantizer: str = "rq-kmeans",
+             variants: list[str] | None = None, quantizer: str = "mmdict",
              quantizer_steps: int | None = None, progress: bool = True) -> dict:
     """Runs the whole pipeline on MovieLens-100K; returns what ``metrics.json`` holds."""
     out = Path(out_dir)

@@ -77,7 +77,8 @@ def run_variants(split: EventSplit, item_ids: np.ndarray, *, embeddings: np.ndar
                               code_names=code_names, codebook_sizes=codebook_sizes)
         features = FeatureEncoder(split.train, content, use_codes=variant.codes,
                                   use_dense_content=vectors is not None,
-                                  min_count=config.min_id_count)
+                                  min_count=config.min_id_count,
+                                  prefix_ngrams=config.prefix_ngrams)
         train = features.encode(split.train, where="train events")
         valid = features.encode(split.valid, where="validation events")
         test = features.encode(split.test, where="test events")

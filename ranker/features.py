@@ -112,6 +112,38 @@ class EncodedEvents:
         return len(self.labels)
 
 
+NGRAM_BUCKETS = 1 << 20
+
+
+def prefix_ngram_codes(codes: np.ndarray, code_names: list[str], sizes: list[int]
+                       ) -> tuple[list[str], list[int], np.ndarray]:
+    """Prefix n-grams of each scale's codes: for ``code_<scale>_<l>`` with l >= 1, the
+    tuple (code_<scale>_0, ..., code_<scale>_l) as one id (mixed radix; hashed into
+    ``NGRAM_BUCKETS`` rows when the product of the sizes is larger).
+
+    Returns ``(names, sizes, ngrams (n, g) int64)``.
+    """
+    names, out_sizes, columns = [], [], []
+    scales: dict[str, list[int]] = {}
+    for j, name in enumerate(code_names):
+        scale = name.rsplit("_", 1)[0].removeprefix("code_")
+        scales.setdefault(scale, []).append(j)
+    for scale, cols in scales.items():
+        prefix = codes[:, cols[0]].astype(np.int64)
+        size = sizes[cols[0]]
+        for level, j in enumerate(cols[1:], start=1):
+            prefix = prefix * sizes[j] + codes[:, j]
+            size *= sizes[j]
+            if size > NGRAM_BUCKETS:
+                prefix = prefix % NGRAM_BUCKETS
+                size = NGRAM_BUCKETS
+            names.append(f"ngram_{scale}_{level}")
+            out_sizes.append(size)
+            columns.append(prefix.copy())
+    ngrams = np.stack(columns, axis=1) if columns else np.zeros((len(codes), 0), np.int64)
+    return names, out_sizes, ngrams
+
+
 def kjt_from_columns(keys: list[str], columns: list[torch.Tensor]) -> KeyedJaggedTensor:
     """One id per example per feature -> KJT. columns[f]: (B,) int64."""
     batch = len(columns[0]) if columns else 0
@@ -128,12 +160,15 @@ class FeatureEncoder:
         train: training events (contract frame, or a LazyFrame scan of one).
         content: the items' content tables.
         use_codes: feed the item's content IDs as sparse features.
+        prefix_ngrams: also feed each scale's code prefixes as features of their own
+            (``ngram_<scale>_<level>`` = the tuple of that scale's codes up to the level),
+            so a residual code is read together with the center it refines.
         use_dense_content: feed the item's content vector as dense input.
         min_count: ids seen fewer times in training share the out-of-vocabulary row.
     """
 
     def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,
-                 use_dense_content: bool, min_count: int = 1) -> None:
+                 use_dense_content: bool, min_count: int = 1, prefix_ngrams: bool = False) -> None:
         if use_codes and content.codes is None:
             raise ValueError("use_codes=True needs ItemContent.codes")
         if use_dense_content and content.vectors is None:
@@ -162,15 +197,22 @@ class FeatureEncoder:
                 np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
         self.code_names = list(content.code_names) if use_codes else []
+        self.code_sizes = list(content.codebook_sizes) if use_codes else []
+        codes = content.codes if use_codes else None
+        if use_codes and prefix_ngrams:
+            names, sizes, ngrams = prefix_ngram_codes(content.codes, self.code_names, self.code_sizes)
+            self.code_names += names
+            self.code_sizes += sizes
+            codes = np.concatenate([codes, ngrams], axis=1)
         self.sparse_names = self.id_names + self.code_names
-        self._codes = torch.from_numpy(content.codes) if use_codes else None
+        self._codes = torch.from_numpy(np.ascontiguousarray(codes)) if use_codes else None
         self._vectors = torch.from_numpy(content.vectors) if use_dense_content else None
 
     @property
     def sparse_sizes(self) -> list[int]:
         """Embedding rows per sparse feature, in ``sparse_names`` order."""
         sizes = [v.num_embeddings for v in self.vocabs.values()]
-        return sizes + (list(self.content.codebook_sizes) if self.use_codes else [])
+        return sizes + self.code_sizes
 
     @property
     def dense_in_features(self) -> int:

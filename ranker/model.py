@@ -35,6 +35,9 @@ class RankerConfig:
     # Share of training examples whose item id is replaced by the out-of-vocabulary
     # row, so that row is trained to stand for "an item the model has not seen".
     item_id_dropout: float = 0.1
+    # Also feed each scale's code prefixes (center, center+residual) as features. On
+    # MovieLens with MmDict's cascade codes: ids AUC 0.7027 vs 0.6977 without (3 seeds).
+    prefix_ngrams: bool = True
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     seed: int = 0
