@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mmtok.train_cmd import run_train_command
 
     metrics = run_train_command(args.config, resume=args.resume, progress=not args.quiet,
-                                out=args.out, track=not args.no_track)
+                                out=args.out, track=not args.no_track, max_steps=args.max_steps)
     if "auc" in metrics and _is_rank0():
         print(f"test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
               f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in OUT/checkpoints")
     p.add_argument("--no-track", action="store_true", help="no MLflow run")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps without testing (smoke and memory runs)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 

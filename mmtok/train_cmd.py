@@ -52,11 +52,13 @@ def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool =
 
 
 def run_train_command(config: Path, *, resume: bool, progress: bool, out: Path | None = None,
-                      track: bool = True) -> dict:
+                      track: bool = True, max_steps: int | None = None) -> dict:
     job = TrainJob.from_toml(config, out=str(out) if out else None)
     joined = init_from_torchrun()
     try:
-        metrics = run_train_job(job, resume=resume, progress=progress)
+        metrics = run_train_job(job, resume=resume, progress=progress, stop_after_steps=max_steps)
+        if "auc" not in metrics:
+            return metrics
         if track and (not dist.is_initialized() or dist.get_rank() == 0):
             metrics["mlflow_run_id"] = log_train_run(job, metrics, run_name=f"train-{job.variant}")
     finally:
