@@ -83,13 +83,14 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mmdata import read_embeddings
-    from quantizer import (ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items,
-                           quantizer_metrics)
+    from mmtok.demo import build_quantizer
+    from quantizer import encode_items, quantizer_metrics
 
     embeddings = read_embeddings(args.embeddings)
-    quantizer = ResidualKMeansQuantizer(ResidualKMeansConfig(
-        scale_sizes=args.scale_sizes, levels=args.levels, seed=args.seed))
-    quantizer.fit(embeddings.vectors)
+    quantizer, _ = build_quantizer(args.quantizer, seed=args.seed, steps=args.steps,
+                                   scale_sizes=args.scale_sizes, levels=args.levels)
+    quantizer.fit(embeddings.vectors, **({"progress": not args.quiet}
+                                         if args.quantizer == "mmdict" else {}))
     out = Path(args.out)
     quantizer.save(out / "quantizer")
     codes = encode_items(quantizer, embeddings)
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-sizes", type=_int_list, default=[16, 64, 256],
                    help="codebook size per scale, coarse to fine (default 16,64,256)")
     p.add_argument("--levels", type=int, default=2, help="residual levels per scale")
+    p.add_argument("--quantizer", default="mmdict", choices=["mmdict", "rq-kmeans"],
+                   help="mmdict (learned, default) or rq-kmeans (parallel k-means scales)")
+    p.add_argument("--steps", type=int, default=None, help="mmdict training steps")
+    p.add_argument("--quiet", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quantize)
 

@@ -22,14 +22,16 @@ from ranker import RankerConfig, quantization_loss, run_variants
 DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
 
 
-def build_quantizer(kind: str, *, seed: int, steps: int | None = None):
+def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
+                    scale_sizes: list[int] | None = None, levels: int | None = None):
     """The demo's quantizer: "mmdict" (the learned one, default) or "rq-kmeans" (three
     parallel k-means scales, the simple baseline)."""
+    layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items() if v}
     if kind == "mmdict":
-        config = MmDictConfig(seed=seed, **({"steps": steps} if steps else {}))
+        config = MmDictConfig(seed=seed, **layout, **({"steps": steps} if steps else {}))
         return MmDictQuantizer(config), config
     if kind == "rq-kmeans":
-        config = ResidualKMeansConfig(seed=seed)
+        config = ResidualKMeansConfig(seed=seed, **layout)
         return ResidualKMeansQuantizer(config), config
     raise ValueError(f"unknown quantizer {kind!r}: choose 'mmdict' or 'rq-kmeans'")
 

@@ -47,10 +47,14 @@ def test_data_featurize_quantize_commands(tmp_path):
                 "fit_s", "encode_items_per_s"} <= set(m), name
         assert m["bits"] == (3 if name == "kmeans" else 10)
     assert (tmp_path / "bq" / "quality.png").exists() and (tmp_path / "bq" / "code_usage.png").exists()
-    assert main(["quantize", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),
-                 "--out", str(tmp_path / "q"), "--scale-sizes", "4,8"]) == 0
-    codes = pl.read_parquet(tmp_path / "q" / "item_codes.parquet")
-    assert codes.columns == ["item_id", "code_s_0", "code_s_1", "code_m_0", "code_m_1"]
+    for kind in ("mmdict", "rq-kmeans"):
+        assert main(["quantize", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),
+                     "--out", str(tmp_path / kind), "--scale-sizes", "4,8", "--quantizer", kind,
+                     "--steps", "20", "--quiet"]) == 0
+        codes = pl.read_parquet(tmp_path / kind / "item_codes.parquet")
+        assert codes.columns == ["item_id", "code_s_0", "code_s_1", "code_m_0", "code_m_1"]
+        kind_saved = json.loads((tmp_path / kind / "quantizer" / "quantizer.json").read_text())["kind"]
+        assert kind_saved == {"mmdict": "mmdict", "rq-kmeans": "residual_kmeans"}[kind]
     pl.DataFrame({"item_id": [1, 2], "text": ["red shoes", "blue kettle"]}).write_parquet(
         tmp_path / "items.parquet")
     assert main(["featurize", "--items", str(tmp_path / "items.parquet"),
