@@ -83,44 +83,56 @@ class ParquetBatches:
 
     Memory is bounded by ``buffer_groups`` row groups (write the file with
     ``mmdata.write_split``, which shuffles training rows and sets the row-group size).
-    Row groups are dealt to ranks round-robin in a seeded per-epoch order; rows are
-    shuffled within a buffer of ``buffer_groups`` groups and cut into full batches.
+    Row groups (cut into slices when there are fewer than ``min_pieces_per_rank`` per
+    rank) are dealt to ranks round-robin in a seeded per-epoch order; rows are shuffled
+    within a buffer of ``buffer_groups`` of them and cut into full batches.
     The rows of a buffer that do not fill a batch are left out that epoch (fewer than
     ``batch_size`` per buffer, a different few each epoch), and every rank stops after
     the same ``num_batches(epoch)`` steps.
     """
 
     def __init__(self, path: str | Path, features: FeatureEncoder, *, batch_size: int,
-                 seed: int, shard: Shard = Shard(), buffer_groups: int = 4) -> None:
+                 seed: int, shard: Shard = Shard(), buffer_groups: int = 4,
+                 min_pieces_per_rank: int = 16) -> None:
         self.path, self.features = Path(path), features
         self.batch_size, self.seed, self.shard = batch_size, seed, shard
         self.buffer_groups = buffer_groups
         meta = pq.ParquetFile(self.path).metadata
-        self._group_rows = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)],
-                                    dtype=np.int64)
-        self._group_start = np.concatenate([[0], np.cumsum(self._group_rows)[:-1]]).astype(np.int64)
-        self.num_rows = int(self._group_rows.sum())
-        if self.num_rows < batch_size * shard.world_size:
-            raise ValueError(f"{self.path}: {self.num_rows} training events, fewer than one "
-                             f"batch of {batch_size} per rank")
+        group_rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.num_rows = int(sum(group_rows))
+        # The unit dealt to ranks is a piece: a row group, or a slice of one when the file
+        # has too few groups to give every rank ``min_pieces_per_rank`` of them.
+        piece = max(1, -(-self.num_rows // (shard.world_size * min_pieces_per_rank)))
+        starts, rows, offset = [], [], 0
+        for n in group_rows:
+            k = max(1, -(-n // piece))
+            cuts = np.linspace(0, n, k + 1).astype(np.int64)
+            starts += (offset + cuts[:-1]).tolist()
+            rows += np.diff(cuts).tolist()
+            offset += n
+        self._piece_start = np.array(starts, dtype=np.int64)
+        self._piece_rows = np.array(rows, dtype=np.int64)  # (n_pieces,)
+        if self.num_batches(0) == 0:
+            raise ValueError(f"{self.path}: {self.num_rows} training events give rank(s) no full "
+                             f"batch of {batch_size} with {shard.world_size} processes")
 
     def _buffers(self, epoch: int, rank: int) -> list[np.ndarray]:
-        order = _rng(self.seed, epoch).permutation(len(self._group_rows))
+        order = _rng(self.seed, epoch).permutation(len(self._piece_rows))
         mine = order[rank::self.shard.world_size]
         return [mine[i:i + self.buffer_groups] for i in range(0, len(mine), self.buffer_groups)]
 
     def _full_batches(self, buffer: np.ndarray) -> int:
-        return int(self._group_rows[buffer].sum()) // self.batch_size
+        return int(self._piece_rows[buffer].sum()) // self.batch_size
 
     def num_batches(self, epoch: int) -> int:
         return min(sum(self._full_batches(b) for b in self._buffers(epoch, r))
                    for r in range(self.shard.world_size))
 
-    def read_groups(self, groups: np.ndarray) -> pl.DataFrame:
-        """The rows of the given row groups (a lazy scan sliced to each group)."""
+    def read_pieces(self, pieces: np.ndarray) -> pl.DataFrame:
+        """The rows of the given pieces (a lazy scan sliced to each)."""
         scan = pl.scan_parquet(self.path)
-        return pl.concat([scan.slice(int(self._group_start[g]), int(self._group_rows[g])).collect()
-                          for g in groups])
+        return pl.concat([scan.slice(int(self._piece_start[g]), int(self._piece_rows[g])).collect()
+                          for g in pieces])
 
     def batches(self, epoch: int, *, item_id_dropout: float = 0.0, start: int = 0
                 ) -> Iterator[Batch]:
@@ -134,7 +146,7 @@ class ParquetBatches:
             if step + n_full <= start:
                 step += n_full
                 continue
-            encoded = self.features.encode(self.read_groups(buffer), where=str(self.path))
+            encoded = self.features.encode(self.read_pieces(buffer), where=str(self.path))
             perm = torch.from_numpy(_rng(self.seed, epoch, rank, i).permutation(len(encoded)))
             for b in range(n_full):
                 if step >= total:

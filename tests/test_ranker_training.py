@@ -86,6 +86,21 @@ def test_parquet_batches_shard_the_rows_and_replay_exactly(world_files):
     assert single.num_rows - kept < 256 * len(single._buffers(0, 0))
 
 
+def test_a_file_of_one_row_group_still_feeds_every_rank(tmp_path, world_files):
+    one_group = tmp_path / "train.parquet"
+    pl.read_parquet(world_files["split"].train).write_parquet(one_group, row_group_size=10**7)
+    features = FeatureEncoder(pl.scan_parquet(one_group), ItemContent(np.arange(10_000)),
+                              use_codes=False, use_dense_content=False)
+    sources = [ParquetBatches(one_group, features, batch_size=256, seed=0, shard=Shard(r, 2))
+               for r in (0, 1)]
+    n = sources[0].num_batches(0)
+    assert n == sources[1].num_batches(0) and n * 2 * 256 > 0.9 * sources[0].num_rows
+    rows = [torch.cat([b[1]["user_id"].values() for b in s.batches(0)]) for s in sources]
+    assert len(rows[0]) == len(rows[1]) == n * 256
+    with pytest.raises(ValueError, match="no full batch"):
+        ParquetBatches(one_group, features, batch_size=10**6, seed=0, shard=Shard(0, 2))
+
+
 def test_in_memory_batches_give_every_rank_the_same_steps(small_world):
     events = split_events(small_world.events, seed=0).train
     features = FeatureEncoder(events, ItemContent(np.arange(10_000)), use_codes=False,
