@@ -116,6 +116,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     metrics = run_train_command(args.config, resume=args.resume, progress=not args.quiet,
                                 out=args.out, track=not args.no_track, max_steps=args.max_steps)
+    if "stopped_after_steps" in metrics and _is_rank0():
+        print(f"stopped after {metrics['stopped_after_steps']} steps, "
+              f"{metrics['train_examples_per_s']:,.0f} ex/s (not tested)")
     if "auc" in metrics and _is_rank0():
         print(f"test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
               f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")

@@ -182,7 +182,8 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
         checkpoint_dir=out / "checkpoints", checkpoint_every=job.checkpoint_every,
         resume=resume, stop_after_steps=stop_after_steps)
     if stop_after_steps is not None and not trained.history:
-        return {"stopped_after_steps": stop_after_steps}
+        return {"stopped_after_steps": stop_after_steps, "world_size": shard.world_size,
+                "train_examples_per_s": trained.train_examples_per_s}
     test = features.encode(pl.read_parquet(split / "test.parquet"), where="test events")
     metrics = evaluate(trained.model, features, test)
     metrics.update(train_examples_per_s=trained.train_examples_per_s,

@@ -270,6 +270,8 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             if stop_after_steps is not None and state["global_step"] >= stop_after_steps:
                 bar.close()
                 result.model = model
+                elapsed = state["train_seconds"] + state["epoch_seconds"] + time.perf_counter() - start
+                result.train_examples_per_s = state["seen"] / max(elapsed, 1e-9)
                 return result
         bar.close()
         seconds = state["epoch_seconds"] + time.perf_counter() - start
