@@ -111,6 +111,7 @@ class ModelSlot:
         self._reload_lock = threading.Lock()
         self.reloads = 0
         self.failed_reloads = 0
+        self._last_failure = ""
         self.current: ServableModel = self._load()
 
     def _load(self) -> ServableModel:
@@ -121,7 +122,8 @@ class ModelSlot:
             finally:
                 shutil.rmtree(directory, ignore_errors=True)  # everything is in memory now
         else:
-            model = ServableModel.load(self.source)
+            # Resolve a symlink once, so a flip during the load cannot mix two versions.
+            model = ServableModel.load(Path(self.source).resolve())
         warm_up(model)
         return model
 
@@ -136,11 +138,16 @@ class ModelSlot:
                     if manifest["model_version"] == old.model_version:
                         return False
                 model = self._load()
-            except Exception:
+            except Exception as exc:
                 self.failed_reloads += 1
-                log.exception("reload from %s failed; still serving %s", self.source,
-                              old.model_version)
+                failure = f"{type(exc).__name__}: {exc}"
+                if failure != self._last_failure:  # a watcher retries; say it once
+                    log.error("reload from %s failed, still serving %s: %s", self.source,
+                              old.model_version, failure,
+                              exc_info=not isinstance(exc, (ValueError, OSError)))
+                self._last_failure = failure
                 return False
+            self._last_failure = ""
             if model.model_version == old.model_version:
                 return False
             self.current = model  # one reference assignment: requests see old or new
@@ -291,7 +298,9 @@ def serve(source: str, config: ServerConfig, *, torch_threads: int = 1) -> int:
     # One intra-op thread per forward pass: on a small shared machine, OpenMP threads
     # that spin against each other and the gRPC threads multiply tail latency.
     torch.set_num_threads(torch_threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: importing fbgemm_gpu already called logging.info, which set up the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        force=True)
     server = RankingServer(source, config)
     port = server.start()
     stop = threading.Event()
