@@ -119,6 +119,13 @@ def run_load(address: str, requests: list[ScoreRequest], *, clients: int, durati
                 delay = due - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
+                elif rate and -delay > timeout:
+                    # Its caller gave up already: counted as an error, not sent. This is
+                    # how overload shows in open loop, and it keeps the run bounded.
+                    with lock:
+                        codes["LATE_NOT_SENT"] += 1
+                    k += clients
+                    continue
                 request = requests[k % len(requests)]
                 try:
                     reply = stub.Score(request, timeout=timeout)
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_tick(t: float) -> None:
             rss_samples.append(rss_mib(proc.pid))
-            if args.reload_every and t >= flips["next"]:
+            if args.reload_every and flips["next"] <= t < args.duration:
                 flips["n"] += 1
                 flips["next"] += args.reload_every
                 tmp = work / "current.tmp"

@@ -119,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_candidates=args.max_candidates,
         max_message_bytes=args.max_message_bytes, workers=args.workers,
         max_pending=args.max_pending, micro_batch=args.micro_batch == "on",
+        scoring_threads=args.scoring_threads,
         watch_s=args.watch, grace_s=args.grace), torch_threads=args.torch_threads)
 
 
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reload when the model directory holds a new version (0: off)")
     p.add_argument("--micro-batch", choices=["on", "off"], default="on",
                    help="score concurrent requests in one forward pass")
+    p.add_argument("--scoring-threads", type=int, default=1,
+                   help="threads running micro-batches (with --micro-batch on)")
     p.add_argument("--max-candidates", type=int, default=1000)
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--workers", type=int, default=8, help="gRPC handler threads")

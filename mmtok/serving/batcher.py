@@ -1,7 +1,7 @@
 """Scoring of checked jobs: one forward pass per group of requests, and the optional
 micro-batcher that forms such groups from concurrent requests.
 
-    handler threads          bounded queue            scoring thread
+    handler threads          bounded queue            scoring thread(s)
     job A (200 rows) ──┐
     job B (200 rows) ──┼──▶ [A B C ...] ──▶ take A, then B, C while same model
     job C (200 rows) ──┘                     and rows <= max_rows ──▶ one forward
@@ -57,6 +57,8 @@ class MicroBatcher:
         max_rows: most candidate rows per forward pass (a job larger than this is
             still scored, alone).
         max_queue: most jobs waiting; ``submit`` raises ``QueueFull`` beyond it.
+        threads: scoring threads taking groups from the one queue (two let a second
+            forward pass run while the first holds no GIL, e.g. on two cores).
 
     Example::
 
@@ -65,7 +67,7 @@ class MicroBatcher:
         batcher.close()
     """
 
-    def __init__(self, *, max_rows: int = 2048, max_queue: int = 64) -> None:
+    def __init__(self, *, max_rows: int = 2048, max_queue: int = 64, threads: int = 1) -> None:
         self.max_rows = max_rows
         self.max_queue = max_queue
         self._queue: collections.deque[tuple[ScoreJob, Future]] = collections.deque()
@@ -74,8 +76,10 @@ class MicroBatcher:
         # Forward passes run and jobs scored, for the load benchmark's batching figures.
         self.batches = 0
         self.jobs = 0
-        self._thread = threading.Thread(target=self._run, name="mmtok-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"mmtok-batcher-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: ScoreJob) -> Future:
         future: Future = Future()
@@ -89,11 +93,12 @@ class MicroBatcher:
         return future
 
     def close(self) -> None:
-        """Scores what is queued, then stops the thread."""
+        """Scores what is queued, then stops the threads."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     def _take_group(self) -> list[tuple[ScoreJob, Future]] | None:
         with self._cond:
@@ -130,7 +135,8 @@ class MicroBatcher:
                 for _, future in live:
                     future.set_exception(exc)
                 continue
-            self.batches += 1
-            self.jobs += len(live)
+            with self._cond:
+                self.batches += 1
+                self.jobs += len(live)
             for (_, future), probs in zip(live, results):
                 future.set_result(probs)

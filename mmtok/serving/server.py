@@ -64,6 +64,8 @@ class ServerConfig:
     micro_batch: bool = True
     # Most candidate rows in one micro-batch.
     max_batch_rows: int = 2048
+    # Threads running micro-batches.
+    scoring_threads: int = 1
     # Seconds between checks of the model directory for a new version (0: off).
     watch_s: float = 0.0
     # Seconds in-flight calls get to finish on shutdown.
@@ -112,7 +114,14 @@ class ModelSlot:
         self.reloads = 0
         self.failed_reloads = 0
         self._last_failure = ""
+        self._closed = False
         self.current: ServableModel = self._load()
+
+    def close(self) -> None:
+        """Waits for a reload in progress to end and refuses later ones (a load still
+        running in a thread at interpreter exit would abort the process)."""
+        with self._reload_lock:
+            self._closed = True
 
     def _load(self) -> ServableModel:
         if is_mlflow_uri(self.source):
@@ -131,6 +140,8 @@ class ModelSlot:
         """Loads the source's model and swaps it in if it is a new version. Returns
         whether it swapped; on any failure the old model keeps serving."""
         with self._reload_lock:
+            if self._closed:
+                return False
             old = self.current
             try:
                 if not is_mlflow_uri(self.source):
@@ -169,6 +180,10 @@ class RankingServicer(RankingServiceServicer):
             job = validate_score_request(request, model, self.limits)
         except InvalidRequest as exc:
             context.abort(exc.code, exc.message)
+        except Exception as exc:  # a check that itself failed: answer, log, keep serving
+            log.exception("checking a Score request failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"checking the request failed: "
+                                                    f"{type(exc).__name__}")
         remaining = context.time_remaining()
         if remaining is not None:
             job.deadline = time.monotonic() + remaining
@@ -234,8 +249,8 @@ class RankingServer:
             raise ValueError("--watch needs a local model directory; reload an MLflow model "
                              "with SIGHUP")
         self.slot = ModelSlot(source)
-        self.batcher = MicroBatcher(max_rows=config.max_batch_rows, max_queue=config.max_pending) \
-            if config.micro_batch else None
+        self.batcher = MicroBatcher(max_rows=config.max_batch_rows, max_queue=config.max_pending,
+                                    threads=config.scoring_threads) if config.micro_batch else None
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="mmtok-grpc"),
             maximum_concurrent_rpcs=config.max_pending,
@@ -250,6 +265,7 @@ class RankingServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
         self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.port: int | None = None
 
     def start(self) -> int:
@@ -265,7 +281,8 @@ class RankingServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.watch_s:
-            threading.Thread(target=self._watch, name="mmtok-watch", daemon=True).start()
+            self._watcher = threading.Thread(target=self._watch, name="mmtok-watch", daemon=True)
+            self._watcher.start()
         log.info("serving model %s on %s", self.slot.current.model_version,
                  _address(self.config.host, self.port))
         return self.port
@@ -283,6 +300,9 @@ class RankingServer:
         self.health.enter_graceful_shutdown()
         self._stop_watch.set()
         self._server.stop(grace_s).wait()
+        self.slot.close()
+        if self._watcher is not None:
+            self._watcher.join()
         if self.batcher is None:
             log.info("stopped")
             return
