@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", type=Path, help="ScoreRequest as protobuf JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     p.add_argument("--tokenize", action="store_true",
-                   help="ask for the candidates' content IDs instead of scores")
+                   help="content IDs of the candidates that carry an embedding, not scores")
     p.add_argument("--health", action="store_true",
                    help="only check health (exit 0 when SERVING)")
     p.add_argument("--json", action="store_true", help="print the response as JSON")

@@ -411,6 +411,11 @@ def test_serve_and_score_commands(world, served, tmp_path, capsys):
         out = capsys.readouterr().out
         assert "SERVING" in out and "model_version v1-" in out and "950\t" in out
         assert "tokenized" in out.splitlines()[-1]
+        assert main(["score", "--addr", addr, "--request", str(tmp_path / "request.json"),
+                     "--tokenize"]) == 0
+        codes = capsys.readouterr().out.splitlines()
+        assert codes[1].split("\t") == ["item_id", *world["q"].code_names]
+        assert codes[2].split("\t") == [str(v) for v in [950, *world["codes"][950]]]
         bad = tmp_path / "bad.json"
         bad.write_text('{"user_id": 5, "candidates": []}')
         assert main(["score", "--addr", addr, "--request", str(bad)]) == 2

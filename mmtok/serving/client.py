@@ -1,7 +1,7 @@
 """A small client: requests from JSON files, scores and codes printed as tables.
 
     mmtok score --addr 127.0.0.1:50051 --request request.json
-    mmtok score --addr 127.0.0.1:50051 --request request.json --tokenize
+    mmtok score --addr 127.0.0.1:50051 --request request.json --tokenize   # embeddings -> IDs
     mmtok score --addr 127.0.0.1:50051 --health
 
 The JSON file is a ``ScoreRequest`` in the protobuf JSON mapping::
@@ -49,10 +49,12 @@ def score(address: str, request: ScoreRequest, *, timeout: float = 5.0) -> Score
 
 
 def tokenize(address: str, request: ScoreRequest, *, timeout: float = 5.0):
-    """Content IDs of the request's candidates (each must carry its embedding)."""
+    """Content IDs of the request's candidates that carry an embedding."""
+    items = [c for c in request.candidates if len(c.embedding)]
+    if not items:
+        raise ValueError("no candidate carries an embedding: nothing to tokenize")
     with grpc.insecure_channel(address) as channel:
-        return _call(RankingServiceStub(channel).Tokenize,
-                     TokenizeRequest(items=request.candidates), timeout)
+        return _call(RankingServiceStub(channel).Tokenize, TokenizeRequest(items=items), timeout)
 
 
 def health_status(address: str, *, service: str = "", timeout: float = 5.0) -> str:

@@ -73,6 +73,8 @@ class ServerConfig:
 
 
 def _download_mlflow_model(uri: str) -> Path:
+    # A server log is no place for a progress bar (the environment can still turn it on).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
