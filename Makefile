@@ -28,6 +28,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Regenerate the gRPC stubs from proto/mmtok/v1/ranking.proto (committed; a test checks
+# they are current). -I . keeps the import path proto.mmtok.v1 in the generated code.
+proto: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+	  proto/mmtok/v1/ranking.proto
+
 # Rewrite the lock from the current environment (after a deliberate upgrade).
 lock:
 	$(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \

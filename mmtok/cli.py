@@ -7,6 +7,10 @@
     mmtok featurize --items items.parquet --out item_embeddings.parquet
     mmtok quantize --embeddings item_embeddings.parquet --out runs/rq
     mmtok bench-quantizer --embeddings item_embeddings.parquet --out runs/bench-q
+    mmtok train --config job.toml [--resume]        # also under torchrun --nproc_per_node=N
+    mmtok bench-ranking --events events.parquet --item-embeddings item_embeddings.parquet --out runs/bench
+    mmtok serve --model runs/demo/model --port 50051 [--watch 5]
+    mmtok score --addr 127.0.0.1:50051 --request request.json
 """
 
 from __future__ import annotations
@@ -145,6 +149,24 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
                       streaming=not args.in_memory, progress=not args.quiet)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mmtok.serving import ServerConfig, serve
+
+    return serve(args.model, ServerConfig(
+        host=args.host, port=args.port, max_candidates=args.max_candidates,
+        max_message_bytes=args.max_message_bytes, workers=args.workers,
+        max_pending=args.max_pending, micro_batch=args.micro_batch == "on",
+        scoring_threads=args.scoring_threads,
+        watch_s=args.watch, grace_s=args.grace), torch_threads=args.torch_threads)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from mmtok.serving.client import run_score_command
+
+    run_score_command(args.addr, args.request, timeout=args.timeout, as_json=args.json,
+                      tokenize_only=args.tokenize, health_only=args.health)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmtok", description="Ad content as discrete IDs for TorchRec CTR ranking.")
@@ -256,6 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench_ranking)
+
+    p = sub.add_parser("serve", help="gRPC ranking server (mmtok.v1.RankingService, health, "
+                                     "reflection); SIGHUP reloads, SIGTERM drains")
+    p.add_argument("--model", required=True,
+                   help="servable-model directory (e.g. runs/demo/model) or MLflow artifact URI")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default loopback: the service has no TLS or auth)")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="reload when the model directory holds a new version (0: off)")
+    p.add_argument("--micro-batch", choices=["on", "off"], default="on",
+                   help="score concurrent requests in one forward pass")
+    p.add_argument("--scoring-threads", type=int, default=1,
+                   help="threads running micro-batches (with --micro-batch on)")
+    p.add_argument("--max-candidates", type=int, default=1000)
+    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
+    p.add_argument("--max-pending", type=int, default=64,
+                   help="calls in flight before RESOURCE_EXHAUSTED")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight calls get to finish on SIGTERM")
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score", help="send a Score (or Tokenize) request from a JSON file")
+    p.add_argument("--addr", default="127.0.0.1:50051")
+    p.add_argument("--request", type=Path, help="ScoreRequest as protobuf JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    p.add_argument("--tokenize", action="store_true",
+                   help="content IDs of the candidates that carry an embedding, not scores")
+    p.add_argument("--health", action="store_true",
+                   help="only check health (exit 0 when SERVING)")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.set_defaults(func=cmd_score)
     return parser
 
 
@@ -265,11 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     from ranker.checkpoint import CheckpointError
 
     try:
-        args.func(args)
-    except (DataContractError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        return args.func(args) or 0
+    except (DataContractError, CheckpointError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"mmtok {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``mmtok demo``: MovieLens-100K end to end - text -> MiniLM embedding -> content IDs ->
-TorchRec rankers -> metrics, MLflow run, ``metrics.json`` and ``report.md``."""
+TorchRec rankers -> metrics, MLflow run, ``metrics.json`` and ``report.md``, and the
+``ids`` variant as a servable model at ``<out>/model`` (``mmtok serve --model``)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items, quantizer_metrics
 from quantizer.mmdict import MmDictConfig, MmDictQuantizer
-from ranker import RankerConfig, quantization_loss, run_variants
+from ranker import FeatureEncoder, ItemContent, RankerConfig, quantization_loss, run_variants
+from ranker.bundle import ServableModel
 
 DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
+# The variant exported for serving: content IDs only, so a brand-new ad needs nothing
+# but its embedding.
+SERVED_VARIANT = "ids"
 
 
 def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
@@ -97,6 +102,18 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
                                     if isinstance(v, (int, float)) and np.isfinite(v)})
             log(f"{name:>10}: test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
                 f"cold {metrics['auc_cold']:.4f}), NE {metrics['ne']:.4f}")
+            if name == SERVED_VARIANT:
+                # The same encoder run_variants fitted (a pure function of the train split).
+                content = ItemContent(embeddings.item_ids, codes=codes,
+                                      code_names=quantizer.code_names,
+                                      codebook_sizes=quantizer.codebook_sizes)
+                features = FeatureEncoder(split.train, content, use_codes=True,
+                                          use_dense_content=False,
+                                          min_count=rconfig.min_id_count,
+                                          prefix_ngrams=rconfig.prefix_ngrams)
+                served = ServableModel(trained.model, features, rconfig, quantizer=quantizer)
+                served.save(out / "model", name=f"demo-{name}")
+                log(f"servable model {served.model_version} -> {out / 'model'}")
 
         results = run_variants(
             split, embeddings.item_ids, embeddings=embeddings.vectors, codes=codes,
@@ -120,6 +137,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         report = write_ranking_report(out, metrics, title="mmtok demo - MovieLens-100K")
         mlflow.log_metrics({k: v for k, v in loss.items()})
+        if (out / "model").is_dir():  # mmtok serve --model runs:/<mlflow_run_id>/model
+            mlflow.log_artifacts(str(out / "model"), artifact_path="model")
         mlflow.log_artifact(str(out / "metrics.json"))
         mlflow.log_artifact(str(report))
         for png in out.glob("*.png"):

@@ -11,6 +11,7 @@ over F features is a KJT with F * B lengths of 1, values laid out feature-major:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,18 +76,25 @@ class ItemContent:
         self._order = np.argsort(self.item_ids, kind="stable")
         self._sorted = self.item_ids[self._order]
 
-    def rows(self, item_ids: np.ndarray, *, where: str = "events") -> np.ndarray:
-        """Row of each item id; an item without content is an error naming it."""
+    def find(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, found)``: each item id's row, and whether it has one (the row of an
+        id without content is meaningless)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self._sorted, item_ids), max(len(self._sorted) - 1, 0))
         found = self._sorted[pos] == item_ids if len(self._sorted) else np.zeros(len(item_ids), bool)
+        return (self._order[pos] if len(self._sorted) else pos), found
+
+    def rows(self, item_ids: np.ndarray, *, where: str = "events") -> np.ndarray:
+        """Row of each item id; an item without content is an error naming it."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        rows, found = self.find(item_ids)
         if not found.all():
             missing = np.unique(item_ids[~found])
             raise DataContractError(
                 f"{where}: {len(missing)} item_id values have no item embedding/codes "
                 f"(first: {missing[:5].tolist()})"
             )
-        return self._order[pos]
+        return rows
 
 
 @dataclass
@@ -173,9 +181,9 @@ class FeatureEncoder:
             raise ValueError("use_codes=True needs ItemContent.codes")
         if use_dense_content and content.vectors is None:
             raise ValueError("use_dense_content=True needs ItemContent.vectors")
-        self.content = content
         self.use_codes = use_codes
         self.use_dense_content = use_dense_content
+        self.prefix_ngrams = prefix_ngrams
         # A LazyFrame (e.g. a parquet scan too big for memory) is read one column at a time.
         schema = train.collect_schema() if isinstance(train, pl.LazyFrame) else train.schema
         self.cat_names, self.dense_names = context_columns(schema)
@@ -195,18 +203,57 @@ class FeatureEncoder:
             self.dense_mean = np.array([stats[f"m_{c}"][0] for c in self.dense_names], np.float32)
             self.dense_std = np.maximum(
                 np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
+        self._set_content(content)
+
+    def _set_content(self, content: ItemContent) -> None:
+        self.content = content
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
-        self.code_names = list(content.code_names) if use_codes else []
-        self.code_sizes = list(content.codebook_sizes) if use_codes else []
-        codes = content.codes if use_codes else None
-        if use_codes and prefix_ngrams:
+        self.code_names = list(content.code_names) if self.use_codes else []
+        self.code_sizes = list(content.codebook_sizes) if self.use_codes else []
+        codes = content.codes if self.use_codes else None
+        if self.use_codes and self.prefix_ngrams:
             names, sizes, ngrams = prefix_ngram_codes(content.codes, self.code_names, self.code_sizes)
             self.code_names += names
             self.code_sizes += sizes
             codes = np.concatenate([codes, ngrams], axis=1)
         self.sparse_names = self.id_names + self.code_names
-        self._codes = torch.from_numpy(np.ascontiguousarray(codes)) if use_codes else None
-        self._vectors = torch.from_numpy(content.vectors) if use_dense_content else None
+        self._codes = torch.from_numpy(np.ascontiguousarray(codes)) if self.use_codes else None
+        self._vectors = torch.from_numpy(content.vectors) if self.use_dense_content else None
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The fitted state without the item content: JSON-able settings and named arrays
+        (id vocabularies, dense-context standardization), for ``from_state``."""
+        meta = {"cat_names": self.cat_names, "dense_names": self.dense_names,
+                "use_codes": self.use_codes, "use_dense_content": self.use_dense_content,
+                "prefix_ngrams": self.prefix_ngrams}
+        arrays = {f"vocab.{name}": vocab.ids for name, vocab in self.vocabs.items()}
+        if self.dense_names:
+            arrays["dense_mean"], arrays["dense_std"] = self.dense_mean, self.dense_std
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray],
+                   content: ItemContent) -> "FeatureEncoder":
+        """The encoder that ``state()`` describes, over ``content``."""
+        encoder = cls.__new__(cls)
+        encoder.use_codes, encoder.use_dense_content = meta["use_codes"], meta["use_dense_content"]
+        encoder.prefix_ngrams = bool(meta.get("prefix_ngrams", False))
+        encoder.cat_names, encoder.dense_names = list(meta["cat_names"]), list(meta["dense_names"])
+        encoder.vocabs = {name: IdVocab(np.asarray(arrays[f"vocab.{name}"], dtype=np.int64))
+                          for name in ["user_id", "item_id", *encoder.cat_names]}
+        if encoder.dense_names:
+            encoder.dense_mean = np.asarray(arrays["dense_mean"], dtype=np.float32)
+            encoder.dense_std = np.asarray(arrays["dense_std"], dtype=np.float32)
+        encoder._set_content(content)
+        return encoder
+
+    def with_content(self, content: ItemContent) -> "FeatureEncoder":
+        """The same fitted encoder over other items' content (shares the vocabularies).
+        The server scores a request through it with one content row per candidate, so a
+        brand-new ad goes through exactly the offline code path."""
+        view = copy.copy(self)
+        view._set_content(content)
+        return view
 
     @property
     def sparse_sizes(self) -> list[int]:
@@ -221,7 +268,10 @@ class FeatureEncoder:
             width += self.content.vectors.shape[1]
         return max(width, 1)  # DLRM needs a dense input; a constant zero when there is none
 
-    def encode(self, events: pl.DataFrame, *, where: str = "events") -> EncodedEvents:
+    def encode(self, events: pl.DataFrame, *, where: str = "events",
+               content_row: np.ndarray | None = None) -> EncodedEvents:
+        """``content_row``: each event's row in the content tables (default: looked up
+        by ``item_id``)."""
         n = events.height
         sparse = np.stack([self.vocabs[name].rows(events[name].to_numpy())
                            for name in self.id_names], axis=1) if n else np.zeros((0, len(self.id_names)), np.int64)
@@ -234,7 +284,9 @@ class FeatureEncoder:
             else sparse[:, 1] == OOV_ROW
         return EncodedEvents(
             sparse=torch.from_numpy(np.ascontiguousarray(sparse)),
-            content_row=torch.from_numpy(self.content.rows(events["item_id"].to_numpy(), where=where)),
+            content_row=torch.from_numpy(
+                self.content.rows(events["item_id"].to_numpy(), where=where)
+                if content_row is None else np.asarray(content_row, dtype=np.int64)),
             dense_ctx=torch.from_numpy(np.ascontiguousarray(ctx)),
             labels=torch.from_numpy(events["label"].to_numpy().astype(np.float32)),
             is_cold=torch.from_numpy(np.asarray(is_cold, dtype=bool)),

@@ -32,6 +32,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert len(runs) == 6
     parent = runs[runs["run_id"] == metrics["mlflow_run_id"]].iloc[0]
     assert parent["metrics.lift_lost"] == pytest.approx(metrics["quantization_loss"]["lift_lost"])
+    # the ids variant is left servable at out/model, and as the parent run's artifact
+    from mmtok.serving import ModelSlot
+    from ranker.bundle import ServableModel
+
+    served = ServableModel.load(out / "model")
+    assert served.model_version.startswith("demo-ids-") and served.quantizer.kind == "mmdict"
+    slot = ModelSlot(f"runs:/{metrics['mlflow_run_id']}/model")
+    assert slot.current.model_version == served.model_version
 
 
 def test_data_featurize_quantize_commands(tmp_path):
