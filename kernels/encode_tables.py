@@ -36,7 +36,8 @@ class EncodeTables:
     folded: torch.Tensor
     # (K,) float32: ||c||^2 - 2 b.c (or ||c||^2 when there is no folded bias).
     offset: torch.Tensor
-    # (n_cross,) float32: the blocks cross_ij (k_i, k_j), row-major, one after another.
+    # (n_cross,) float32: the blocks cross_ij (k_i, k_j), row-major, one after another
+    # (one unused zero when no level has an earlier level in its chain).
     cross: torch.Tensor
     # (J, 3) int32 per level: first row in `folded`, codebook size, first level of its chain.
     levels: torch.Tensor
@@ -103,7 +104,8 @@ def build_encode_tables(
             cross_start[i, j] = starts[i, j] = pos
             pos += blocks[-1].numel()
     device = all_codes.device
-    cross = torch.cat(blocks) if blocks else torch.zeros(0, device=device)
+    # never empty: a kernel launch wants a real pointer even when no level reads it
+    cross = torch.cat(blocks) if blocks else torch.zeros(1, device=device)
     rows, first_row = [], 0
     for j, book in enumerate(books):
         rows.append((first_row, len(book), chain_start[j]))

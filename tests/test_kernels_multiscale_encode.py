@@ -93,6 +93,15 @@ def test_matches_reference_with_projection(kernel, mode, latent):
                        tuple(cpu(t) for t in proj), mode)
 
 
+@pytest.mark.parametrize("kernel", FAST)
+def test_single_level_scales_have_no_cross_terms(kernel):
+    x, books, _ = make_case(21, 10, [3, 19, 40], levels=1, seed=4, device=DEVICE)
+    ref = pytorch_multiscale_encode(x, books, None, "parallel")
+    got = multiscale_encode(x, books, mode="parallel", kernel=kernel)
+    assert_codes_match(ref.cpu(), got.cpu(), x.cpu(), [[b.cpu() for b in s] for s in books],
+                       None, "parallel")
+
+
 def test_triton_with_small_blocks_and_many_tiles():
     """BLOCK 16 everywhere: several row blocks, K tiles and D slices, with masked tails."""
     if EncodeKernel.TRITON not in FAST:
