@@ -59,6 +59,20 @@ class EncodeTables:
         start = self.cross_starts[i, j]
         return self.cross[start:start + k_i * k_j].view(k_i, k_j)
 
+    def level_cross(self, j: int) -> tuple[torch.Tensor, list[int]] | None:
+        """Every cross block of level j stacked: a (sum_i k_i, k_j) view (the blocks of one
+        level are packed one after another, so the stack is contiguous), and the row where
+        each earlier level i of the chain starts. None for the first level of a chain."""
+        first, k_j = self.level_rows[j][2], self.level_rows[j][1]
+        if first == j:
+            return None
+        starts = [0]
+        for i in range(first, j - 1):
+            starts.append(starts[-1] + self.level_rows[i][1])
+        rows = starts[-1] + self.level_rows[j - 1][1]
+        begin = self.cross_starts[first, j]
+        return self.cross[begin:begin + rows * k_j].view(rows, k_j), starts
+
 
 def should_fold(d_in: int, latent: int, n_codes: int) -> bool:
     """True when x @ (W^T C^T) costs no more than (x @ W^T) @ C^T."""
