@@ -9,6 +9,15 @@ stay in a (BLOCK_N, BLOCK_J) register tile; nothing of size (N x K) ever reaches
 and the only write is the final (BLOCK_N, J) codes tile. See ``kernels/encode_tables.py``
 for the algebra; the projection into the latent space is folded into the codes there.
 
+Memory traffic: a program's x tile comes from HBM once; its re-reads, one per code tile
+of every level, hit L1/L2, as do the tables (folded codes, offsets, cross blocks: 1.7 MB
+for the default 16/64/256 x 2 levels at d = 384), which every program shares.
+
+Not yet tuned on a GPU (none was at hand when this was written): one BLOCK_K serves
+every level, so a 16-code level fills an eighth of a 128-wide tile; per-level block
+sizes (a statically unrolled level loop) and autotuned BLOCK_N / num_warps are the
+first things to try with ``benchmarks/encode.py --device cuda``.
+
 Ties: within a tile ``tl.argmin`` returns the lowest index, across tiles a later tile
 replaces the running best only when strictly smaller, so exact ties go to the lowest
 code index, as in the reference.
