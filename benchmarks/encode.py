@@ -274,7 +274,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values[::-1]], fontsize=8, padding=3)
     ax.set_xlabel("items / s (median; higher is better)")
-    ax.set_title(f"Greedy multi-scale residual encode, same codebooks ({title})")
+    ax.set_title(f"Multi-scale residual encode, same codebooks ({title})")
     ax.set_xlim(0, max(values) * 1.25)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

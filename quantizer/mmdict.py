@@ -479,7 +479,8 @@ class MmDictQuantizer:
 
         Beam 1 runs the fused multi-scale encode op (``kernels.multiscale_encode``: the
         Triton kernel on a GPU, the fast CPU path otherwise), the encoder's projection
-        folded into the codebooks; a wider beam runs ``search_codes`` in torch.
+        folded into the codebooks where that is cheaper; a wider beam runs
+        ``search_codes`` in torch (the op's contract is greedy search).
         """
         self._check_fitted()
         x = check_input(x, self.dim)
