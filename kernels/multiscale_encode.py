@@ -118,7 +118,7 @@ def multiscale_encode(
         from kernels.cpu.cpu_multiscale_encode import cpu_multiscale_encode
 
         return cpu_multiscale_encode(x, tables)
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on"):
         raise RuntimeError("EncodeKernel.TRITON needs CUDA tensors (or TRITON_INTERPRET=1 "
                            "for CPU tensors, tests only)")
     from kernels.triton.triton_multiscale_encode import triton_multiscale_encode
