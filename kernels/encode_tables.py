@@ -36,8 +36,9 @@ class EncodeTables:
     folded: torch.Tensor
     # (K,) float32: ||c||^2 - 2 b.c (or ||c||^2 when there is no folded bias).
     offset: torch.Tensor
-    # (n_cross,) float32: the blocks cross_ij (k_i, k_j), row-major, one after another
-    # (one unused zero when no level has an earlier level in its chain).
+    # (n_cross,) float32: the blocks cross_ij (k_i, k_j), row-major, packed level by level
+    # (j outer, i inner), so one level's blocks form a (sum_i k_i, k_j) matrix; a single
+    # unused zero when no level has an earlier level in its chain.
     cross: torch.Tensor
     # (J, 3) int32 per level: first row in `folded`, codebook size, first level of its chain.
     levels: torch.Tensor
@@ -52,12 +53,6 @@ class EncodeTables:
     @property
     def n_levels(self) -> int:
         return len(self.level_rows)
-
-    def cross_block(self, i: int, j: int) -> torch.Tensor:
-        """cross_ij as a (k_i, k_j) view."""
-        k_i, k_j = self.level_rows[i][1], self.level_rows[j][1]
-        start = self.cross_starts[i, j]
-        return self.cross[start:start + k_i * k_j].view(k_i, k_j)
 
     def level_cross(self, j: int) -> tuple[torch.Tensor, list[int]] | None:
         """Every cross block of level j stacked: a (sum_i k_i, k_j) view (the blocks of one

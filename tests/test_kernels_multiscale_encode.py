@@ -94,8 +94,9 @@ def test_matches_reference_with_projection(kernel, mode, latent):
 
 
 @pytest.mark.parametrize("kernel", FAST)
-def test_single_level_scales_have_no_cross_terms(kernel):
-    x, books, _ = make_case(21, 10, [3, 19, 40], levels=1, seed=4, device=DEVICE)
+@pytest.mark.parametrize("sizes", [[3, 19, 40], [19]])
+def test_single_level_scales_have_no_cross_terms(kernel, sizes):
+    x, books, _ = make_case(21, 10, sizes, levels=1, seed=4, device=DEVICE)
     ref = pytorch_multiscale_encode(x, books, None, "parallel")
     got = multiscale_encode(x, books, mode="parallel", kernel=kernel)
     assert_codes_match(ref.cpu(), got.cpu(), x.cpu(), [[b.cpu() for b in s] for s in books],
@@ -210,3 +211,32 @@ def test_gpu_default_codebooks_match_reference(precision):
     got = triton_multiscale_encode(x, build_encode_tables(books, proj), precision=precision)
     assert_codes_match(ref.cpu(), got.cpu(), x.cpu(), [[b.cpu() for b in s] for s in books],
                        tuple(t.cpu() for t in proj), "cascade", atol=1e-3)
+
+
+def test_tables_layout():
+    """Offsets, folded codes and the stacked cross blocks hold what the algebra says."""
+    x, books, proj = make_case(3, 10, [4, 6], latent=10, seed=9)
+    tables = build_encode_tables(books, proj, "cascade")
+    flat = [b for levels in books for b in levels]
+    weight, bias = proj
+    assert tables.project_first is None  # 10 * 20 <= 10 * 30: folded
+    torch.testing.assert_close(tables.folded[4:8], flat[1] @ weight)
+    torch.testing.assert_close(tables.offset[:4], flat[0].pow(2).sum(1) - 2 * flat[0] @ bias)
+    stacked, starts = tables.level_cross(3)  # level 3 sees levels 0, 1, 2
+    assert starts == [0, 4, 8] and stacked.shape == (14, 6)
+    torch.testing.assert_close(stacked[4:8], flat[1] @ flat[3].T)
+    assert tables.level_cross(0) is None
+    parallel = build_encode_tables(books, proj, "parallel")
+    assert parallel.level_cross(2) is None  # first level of scale 1 starts its own chain
+    torch.testing.assert_close(parallel.level_cross(3)[0], flat[2] @ flat[3].T)
+
+
+def test_triton_wrapper_rejects_bad_settings():
+    from kernels.triton.triton_multiscale_encode import triton_multiscale_encode
+
+    x, books, _ = make_case(4, 8, [4])
+    tables = build_encode_tables(books)
+    with pytest.raises(ValueError, match="precision"):
+        triton_multiscale_encode(x, tables, precision="tf32")
+    with pytest.raises(ValueError, match="block_k"):
+        triton_multiscale_encode(x, tables, block_k=24)

@@ -130,6 +130,6 @@ def triton_multiscale_encode(
         x.stride(0), x.stride(1), folded.stride(0), folded.stride(1),
         codes.stride(0), codes.stride(1),
         J=n_levels, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        BLOCK_J=max(2, triton.next_power_of_2(n_levels)), PRECISION=precision,
+        BLOCK_J=triton.next_power_of_2(n_levels), PRECISION=precision,
     )
     return codes
