@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from kernels import build_encode_tables, multiscale_encode
 from quantizer.base import (check_codes, check_input, read_quantizer_meta, scale_code_layout,
                             write_quantizer_meta)
 from quantizer.residual_kmeans import nearest_code
@@ -144,30 +145,43 @@ class MultiScaleResidualQuantizer(nn.Module):
         return [range(s * levels, (s + 1) * levels) for s in range(len(self.config.scale_sizes))]
 
     @torch.no_grad()
-    def search_codes(self, z: torch.Tensor) -> torch.Tensor:
+    def search_codes(self, z: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
         """Codes (n, J) by beam search over each residual chain (a whole cascade, or each
         parallel scale): keeps the ``beam_size`` partial code tuples with the least
-        residual error at every level, returns the best full tuple."""
+        residual error at every level, returns the best full tuple.
+
+        Rows are searched ``chunk_rows`` at a time so that the (rows, beam, latent)
+        residuals stay in cache; beams move by row gathers (``index_select``) and the
+        distances are formed in place - the arithmetic, and so the codes, are those of
+        the plain formulation ``||r||^2 - 2 r.c + ||c||^2``.
+        """
         cfg = self.config
         chains = ([list(range(self.n_codes))] if cfg.mode == "cascade"
                   else [list(r) for r in self._scale_slices()])
         out = torch.empty(len(z), self.n_codes, dtype=torch.long, device=z.device)
-        n, dim = z.shape
-        for chain in chains:
-            residual = z[:, None, :]  # (n, B, latent), B = 1 at the start
-            codes = torch.empty(n, 1, 0, dtype=torch.long, device=z.device)
-            for j in chain:
-                book = self.codebooks[j]
-                k = len(book)
-                dist = (residual.pow(2).sum(-1, keepdim=True) - 2.0 * residual @ book.T
-                        + book.pow(2).sum(1))  # (n, B, K)
-                width = min(cfg.beam_size, dist.shape[1] * k)
-                best = dist.reshape(n, -1).topk(width, dim=1, largest=False, sorted=True).indices
-                parent, code = best // k, best % k  # (n, width)
-                residual = residual.gather(1, parent[..., None].expand(-1, -1, dim)) - book[code]
-                codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, codes.shape[2])),
-                                   code[..., None]], dim=2)
-            out[:, chain] = codes[:, 0]
+        norms = [book.pow(2).sum(1) for book in self.codebooks]  # (K,) per level
+        dim = z.shape[1]
+        for start in range(0, len(z), chunk_rows):
+            zc = z[start:start + chunk_rows]
+            n = len(zc)
+            row = torch.arange(n, device=z.device)[:, None]  # (n, 1)
+            for chain in chains:
+                residual = zc[:, None, :]  # (n, B, latent), B = 1 at the start
+                codes = torch.empty(n, 1, 0, dtype=torch.long, device=z.device)
+                for j in chain:
+                    book = self.codebooks[j]
+                    k = len(book)
+                    dist = (residual @ book.T).mul_(-2.0)  # (n, B, K)
+                    dist.add_(residual.pow(2).sum(-1, keepdim=True)).add_(norms[j])
+                    width = min(cfg.beam_size, dist.shape[1] * k)
+                    best = dist.reshape(n, -1).topk(width, dim=1, largest=False, sorted=True).indices
+                    parent, code = best // k, best % k  # (n, width)
+                    flat_parent = (row * residual.shape[1] + parent).reshape(-1)
+                    residual = residual.reshape(-1, dim).index_select(0, flat_parent)
+                    residual = residual.sub_(book.index_select(0, code.reshape(-1))).view(n, width, dim)
+                    codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, codes.shape[2])),
+                                       code[..., None]], dim=2)
+                out[start:start + n, chain] = codes[:, 0]
         return out
 
     def quantize(self, z: torch.Tensor, *, training: bool = False):
@@ -199,8 +213,9 @@ class MultiScaleResidualQuantizer(nn.Module):
             hard_sum = torch.zeros_like(z)
             for j in levels:
                 book = self.codebooks[j]  # (K, latent)
-                dist = (residual.pow(2).sum(1, keepdim=True) - 2.0 * residual @ book.T
-                        + book.pow(2).sum(1)[None, :])  # (n, K)
+                if training or planned is None:
+                    dist = (residual.pow(2).sum(1, keepdim=True) - 2.0 * residual @ book.T
+                            + book.pow(2).sum(1)[None, :])  # (n, K)
                 idx = planned[:, j] if planned is not None else dist.detach().argmin(1)
                 hard = book[idx]
                 if training:
@@ -460,16 +475,30 @@ class MmDictQuantizer:
 
     @torch.no_grad()
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """x: (n, d) float32 -> codes (n, J) int64, in batches of ``encode_batch_size``."""
+        """x: (n, d) float32 -> codes (n, J) int64, in batches of ``encode_batch_size``.
+
+        Beam 1 runs the fused multi-scale encode op (``kernels.multiscale_encode``: the
+        Triton kernel on a GPU, the fast CPU path otherwise), the encoder's projection
+        folded into the codebooks where that is cheaper; a wider beam runs
+        ``search_codes`` in torch (the op's contract is greedy search).
+        """
         self._check_fitted()
         x = check_input(x, self.dim)
         net = self.net.eval()
+        cfg = self.config
         out = np.empty((len(x), net.n_codes), dtype=np.int64)
-        step = self.config.encode_batch_size
+        books = [[net.codebooks[j] for j in levels] for levels in net._scale_slices()]
+        projection = (net.encoder.weight, net.encoder.bias)
+        tables = build_encode_tables(books, projection, cfg.mode) if cfg.beam_size == 1 else None
+        step = cfg.encode_batch_size
         for start in range(0, len(x), step):
-            z = net.encoder(torch.from_numpy(x[start:start + step]))
-            codes, _, _ = net.quantize(z)
-            out[start:start + len(z)] = codes.numpy()
+            xb = torch.from_numpy(x[start:start + step])
+            if tables is not None:
+                codes = multiscale_encode(xb, books, projection=projection, mode=cfg.mode,
+                                          tables=tables)
+            else:
+                codes = net.search_codes(net.encoder(xb))
+            out[start:start + len(xb)] = codes.numpy()
         return out
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from kernels import build_encode_tables, multiscale_encode
 from quantizer.base import (SCALE_NAMES, check_codes, check_input, read_quantizer_meta,
                             scale_code_layout,
                             write_quantizer_meta)
@@ -95,21 +96,19 @@ class ResidualKMeansQuantizer:
             raise RuntimeError("quantizer is not fitted: call fit(x) or load(dir) first")
 
     def encode(self, x: np.ndarray) -> np.ndarray:
+        """x: (n, d) float32 -> (n, J) int64 through ``kernels.multiscale_encode``
+        (parallel scales; the Triton kernel on a GPU, the fast CPU path otherwise)."""
         self._check_fitted()
         x = check_input(x, self.dim)
         cfg = self.config
         codes = np.empty((len(x), len(self.codebooks)), dtype=np.int64)
-        books = [torch.from_numpy(c) for c in self.codebooks]
+        books = [[torch.from_numpy(self.codebooks[s * cfg.levels + level])
+                  for level in range(cfg.levels)] for s in range(len(cfg.scale_sizes))]
+        tables = build_encode_tables(books, mode="parallel")
         for start in range(0, len(x), cfg.batch_size):
             xb = torch.from_numpy(x[start:start + cfg.batch_size])
-            j = 0
-            for _ in cfg.scale_sizes:
-                residual = xb.clone()
-                for _ in range(cfg.levels):
-                    idx = nearest_code(residual, books[j])
-                    residual -= books[j][idx]
-                    codes[start:start + len(xb), j] = idx.numpy()
-                    j += 1
+            codes[start:start + len(xb)] = multiscale_encode(
+                xb, books, mode="parallel", tables=tables).numpy()
         return codes
 
     def decode(self, codes: np.ndarray, *, scale: int = -1) -> np.ndarray:

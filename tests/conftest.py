@@ -7,6 +7,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in Triton's interpreter (numpy, on CPU tensors).
+# It is chosen when a kernel is decorated, i.e. when kernels/triton/* is first imported,
+# so it must be set before any test module imports it.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def small_world():
     """A small synthetic world: 2,000 items in 8 topics, 40,000 events."""

@@ -141,3 +141,21 @@ def test_beam_search_never_loses_to_greedy(clustered_embeddings):
 
     assert (error(beam) <= error(greedy) + 1e-5).all()
     assert error(beam).mean() < error(greedy).mean()
+
+
+def test_greedy_encode_runs_the_multiscale_op(clustered_embeddings):
+    """Beam 1: encode goes through kernels.multiscale_encode (projection folded into the
+    codes) and gives the reference's codes; the forward pass agrees with it."""
+    from kernels.pytorch.pt_multiscale_encode import pytorch_multiscale_encode
+
+    q = MmDictQuantizer(small_config(steps=20, beam_size=1)).fit(clustered_embeddings,
+                                                                  progress=False)
+    codes = q.encode(clustered_embeddings)
+    net = q.net
+    books = [[net.codebooks[j].detach() for j in levels] for levels in net._scale_slices()]
+    with torch.no_grad():
+        ref = pytorch_multiscale_encode(torch.from_numpy(clustered_embeddings), books,
+                                        (net.encoder.weight, net.encoder.bias), "cascade")
+        _, forward_codes, _ = net.eval()(torch.from_numpy(clustered_embeddings))
+    assert np.array_equal(codes, ref.numpy())
+    assert np.array_equal(codes, forward_codes.numpy())

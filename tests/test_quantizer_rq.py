@@ -94,3 +94,16 @@ def test_metric_definitions_on_known_cases():
     assert recall_at_k(y, y) == 1.0
     assert kendall_tau(y, y) == pytest.approx(1.0)
     assert abs(kendall_tau(y, rng.permutation(y))) < 0.1  # unrelated reconstructions
+
+
+def test_encode_runs_the_multiscale_op_in_parallel_mode(clustered_embeddings):
+    """Each scale's chain restarts from x: the op's "parallel" mode gives the reference's codes."""
+    import torch
+
+    from kernels.pytorch.pt_multiscale_encode import pytorch_multiscale_encode
+
+    x = clustered_embeddings
+    q = ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[8, 32], seed=0)).fit(x)
+    books = [[torch.from_numpy(q.codebooks[s * 2 + level]) for level in range(2)] for s in range(2)]
+    ref = pytorch_multiscale_encode(torch.from_numpy(x), books, None, "parallel")
+    assert np.array_equal(q.encode(x), ref.numpy())
