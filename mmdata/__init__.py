@@ -10,6 +10,7 @@ from mmdata.contracts import (
     read_embeddings,
     read_events,
     read_items,
+    scan_events,
     validate_codes,
     validate_embedding_matrix,
     validate_events,
@@ -22,6 +23,7 @@ from mmdata.synthetic import SyntheticWorld, SyntheticWorldConfig, generate_worl
 
 __all__ = [
     "DataContractError", "ItemEmbeddings", "code_columns", "context_columns", "read_codes",
+    "scan_events",
     "read_embeddings", "read_events", "read_items", "validate_codes",
     "validate_embedding_matrix", "validate_events", "validate_items", "write_embeddings",
     "load_movielens_100k", "write_movielens_100k", "EventSplit", "SplitFiles", "split_events", "write_split",

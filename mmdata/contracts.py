@@ -262,6 +262,27 @@ def read_events(path: str | Path) -> pl.DataFrame:
     return validate_events(_read_parquet(path, "events"), path)
 
 
+def scan_events(path: str | Path, *, chunk_rows: int = 1_000_000) -> pl.LazyFrame:
+    """An events file too big for memory: checked chunk by chunk with the same rules as
+    ``read_events``, then returned as a lazy scan with the contract's dtypes."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise DataContractError(f"{path}: events file does not exist")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise DataContractError(f"{path}: cannot read events file as parquet: {exc}") from exc
+    if parquet.metadata.num_rows == 0:
+        raise DataContractError(f"{path}: events file has no rows")
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
+        checked = validate_events(pl.from_arrow(batch), path)
+    casts = [pl.col(name).cast(dtype) for name, dtype in checked.schema.items()
+             if name in ("user_id", "item_id", "ts", "label") or name.startswith(("cat_", "dense_"))]
+    return pl.scan_parquet(path).with_columns(casts)
+
+
 def context_columns(frame: pl.DataFrame | pl.Schema) -> tuple[list[str], list[str]]:
     """The optional ``cat_*`` and ``dense_*`` columns of an events frame (or its schema),
     in order."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from mmdata.contracts import scan_events
+
 
 @dataclass
 class EventSplit:
@@ -109,7 +111,7 @@ def write_split(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scan = pl.scan_parquet(events) if isinstance(events, (str, Path)) else events
+    scan = scan_events(events) if isinstance(events, (str, Path)) else events
     plans = _split_plans(scan, valid_frac=valid_frac, test_frac=test_frac,
                          holdout_frac=holdout_frac, seed=seed)
     paths = SplitFiles(out / "train.parquet", out / "valid.parquet", out / "test.parquet", {})

@@ -241,3 +241,45 @@ def test_checkpoints_refuse_corruption_and_never_start_over_silently(tmp_path, w
     fresh = _job(world_files, tmp_path / "fresh")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         run_train_job(fresh, progress=False, resume=True)
+
+
+def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files):
+    from mmtok.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench-ranking", "--events", str(world_files["events"]),
+                 "--item-embeddings", str(world_files["item_embeddings"]), "--out", str(out),
+                 "--variants", "no_content,dense,recon,ids,faiss_rq_ids", "--baselines", "faiss_rq",
+                 "--epochs", "1", "--quantizer-steps", "20", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "faiss_rq_ids"}
+    for m in metrics["variants"].values():
+        assert {"auc", "auc_warm", "auc_cold", "logloss", "ne", "train_examples_per_s"} <= set(m)
+        assert 0.5 < m["auc"] < 1 and m["train_examples_per_s"] > 0
+    loss = metrics["quantization_loss"]
+    dense = metrics["variants"]["dense"]["auc"]
+    assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
+    assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
+    assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
+    report = (out / "report.md").read_text()
+    assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report
+    assert (out / "variant_auc.png").stat().st_size > 10_000
+    # The split follows the protocol and the codes follow the contract.
+    assert metrics["dataset"]["split"]["test"]["cold_rows"] > 0
+    codes = pl.read_parquet(out / "codes" / "mmtok.parquet")
+    assert codes.columns[0] == "item_id" and len(codes.columns) == 7
+
+
+def test_bench_ranking_bad_inputs_are_clear_errors(tmp_path, world_files, capsys):
+    from mmtok.cli import main
+
+    events = pl.read_parquet(world_files["events"]).drop("label")
+    events.write_parquet(tmp_path / "no_label.parquet")
+    assert main(["bench-ranking", "--events", str(tmp_path / "no_label.parquet"),
+                 "--item-embeddings", str(world_files["item_embeddings"]),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "label" in capsys.readouterr().err
+    assert main(["bench-ranking", "--events", str(world_files["events"]),
+                 "--item-embeddings", str(world_files["item_embeddings"]),
+                 "--out", str(tmp_path / "b2"), "--variants", "idz", "--quiet"]) == 2
+    assert "unknown variants ['idz']" in capsys.readouterr().err
