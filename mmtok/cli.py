@@ -146,7 +146,8 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
     run_bench_ranking(args.events, args.item_embeddings, args.out, config=config,
                       variants=args.variants, baselines=args.baselines,
                       quantizer_steps=args.quantizer_steps, nproc=args.nproc, seed=args.seed,
-                      streaming=not args.in_memory, progress=not args.quiet)
+                      ranker_seeds=args.seeds, streaming=not args.in_memory,
+                      progress=not args.quiet)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer-steps", type=int, default=None, help="mmtok training steps")
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes per variant")
     p.add_argument("--in-memory", action="store_true", help="load training events in memory")
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="train each variant once per ranker seed (e.g. 0,1,2) and report means")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench_ranking)

@@ -90,14 +90,18 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         "`recon` (the embedding rebuilt from the IDs), `ids` (the IDs as sparse features), "
         "`ids_dense` (both).",
         "",
+        *([f"Means over ranker seeds {metrics['ranker_seeds']} (AUC ± standard deviation "
+           "across seeds).", ""] if len(metrics.get("ranker_seeds", [])) > 1 else []),
         "| variant | AUC | AUC warm | AUC cold | log loss | NE | train ex/s | best epoch |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in variants.items():
+        spread = f" ± {m['auc_std']:.4f}" if "auc_std" in m else ""
         lines.append(
-            f"| {name} | {_fmt(m['auc'])} | {_fmt(m.get('auc_warm'))} | {_fmt(m.get('auc_cold'))} "
+            f"| {name} | {_fmt(m['auc'])}{spread} "
+            f"| {_fmt(m.get('auc_warm'))} | {_fmt(m.get('auc_cold'))} "
             f"| {_fmt(m['logloss'])} | {_fmt(m['ne'])} | {m.get('train_examples_per_s', 0):,.0f} "
-            f"| {m.get('best_epoch', '-')} |"
+            f"| {_fmt(m.get('best_epoch', '-'), 1)} |"
         )
     loss = metrics.get("quantization_loss") or {}
     if loss:

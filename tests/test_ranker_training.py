@@ -250,19 +250,20 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert main(["bench-ranking", "--events", str(world_files["events"]),
                  "--item-embeddings", str(world_files["item_embeddings"]), "--out", str(out),
                  "--variants", "no_content,dense,recon,ids,faiss_rq_ids", "--baselines", "faiss_rq",
-                 "--epochs", "1", "--quantizer-steps", "20", "--quiet"]) == 0
+                 "--epochs", "1", "--quantizer-steps", "20", "--seeds", "0,1", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "faiss_rq_ids"}
     for m in metrics["variants"].values():
         assert {"auc", "auc_warm", "auc_cold", "logloss", "ne", "train_examples_per_s"} <= set(m)
         assert 0.5 < m["auc"] < 1 and m["train_examples_per_s"] > 0
+        assert len(m["auc_seeds"]) == 2 and m["auc"] == pytest.approx(np.mean(m["auc_seeds"]))
     loss = metrics["quantization_loss"]
     dense = metrics["variants"]["dense"]["auc"]
     assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
     assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
     assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
     report = (out / "report.md").read_text()
-    assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report
+    assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
     assert (out / "variant_auc.png").stat().st_size > 10_000
     # The split follows the protocol and the codes follow the contract.
     assert metrics["dataset"]["split"]["test"]["cold_rows"] > 0
