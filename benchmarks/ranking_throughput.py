@@ -28,7 +28,7 @@ import torch
 from ranker import FeatureEncoder, RankerConfig
 from ranker.data import ParquetBatches
 from ranker.job import TrainJob, load_item_content
-from ranker.train import build_model
+from ranker.train import build_model, train_step
 
 
 def rss_mb() -> float:
@@ -63,19 +63,12 @@ def measure(split: Path, codes: Path, variant: str, *, steps: int, repeats: int,
 
     loader = windows(lambda batch: len(batch[2]))
     model, sparse_opt, dense_opt = build_model(features, job.ranker)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    def train_step(batch) -> int:
-        dense, kjt, labels = batch
-        loss = loss_fn(model(dense, kjt), labels)
-        sparse_opt.zero_grad()
-        dense_opt.zero_grad()
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
-        return len(labels)
+    def step(batch) -> int:
+        train_step(model, sparse_opt, dense_opt, batch)
+        return len(batch[2])
 
-    trainer = windows(train_step)
+    trainer = windows(step)
     return {"variant": variant, "loader_ex_per_s": statistics.median(loader),
             "train_ex_per_s": statistics.median(trainer), "loader_runs": loader,
             "train_runs": trainer}

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ranker.checkpoint import (CheckpointError, ShardedTensor, copy_into, flatten_state, latest_checkpoint,
@@ -156,6 +157,19 @@ def _restore_optimizer(opt: torch.optim.Optimizer, skeleton, tensors: dict, wher
         copy_into(opt.state_dict()["state"], saved["state"], where)
 
 
+def train_step(model: nn.Module, sparse_opt: torch.optim.Optimizer,
+               dense_opt: torch.optim.Optimizer, batch) -> torch.Tensor:
+    """One optimizer step on ``(dense, kjt, labels)``; returns the batch's BCE loss."""
+    dense, kjt, labels = batch
+    loss = F.binary_cross_entropy_with_logits(model(dense, kjt), labels)
+    sparse_opt.zero_grad()
+    dense_opt.zero_grad()
+    loss.backward()
+    sparse_opt.step()
+    dense_opt.step()
+    return loss
+
+
 def train_ranker(features: FeatureEncoder, train: EncodedEvents | InMemoryBatches | ParquetBatches,
                  valid: EncodedEvents, config: RankerConfig, *, progress: bool = True,
                  desc: str = "train", checkpoint_dir: str | Path | None = None,
@@ -191,7 +205,6 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     source = InMemoryBatches(features, train, batch_size=config.batch_size, seed=config.seed,
                              shard=shard) if isinstance(train, EncodedEvents) else train
     model, sparse_opt, dense_opt = build_model(features, config)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     result = TrainResult(model=model)
     progress = progress and shard.rank == 0
     # Everything a resumed run needs besides the tensors.
@@ -250,12 +263,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         start = time.perf_counter()
         for dense, kjt, labels in source.batches(epoch, item_id_dropout=config.item_id_dropout,
                                                  start=state["step"]):
-            loss = loss_fn(model(dense, kjt), labels)
-            sparse_opt.zero_grad()
-            dense_opt.zero_grad()
-            loss.backward()
-            sparse_opt.step()
-            dense_opt.step()
+            loss = train_step(model, sparse_opt, dense_opt, (dense, kjt, labels))
             state["loss_sum"] += loss.item()
             state["loss_n"] += 1
             state["seen"] += len(labels) * shard.world_size
