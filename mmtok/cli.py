@@ -135,14 +135,14 @@ def _is_rank0() -> bool:
 
 
 def cmd_bench_ranking(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from mmtok.bench_ranking import run_bench_ranking
     from ranker import RankerConfig
-    from ranker.job import TrainJob
+    from ranker.job import load_ranker_config
 
-    config = TrainJob.from_toml(args.config, split_dir="-", out="-", variant="no_content").ranker \
-        if args.config else RankerConfig()
-    config = RankerConfig(**{**config.__dict__, "seed": args.seed,
-                             **({"epochs": args.epochs} if args.epochs else {})})
+    config = load_ranker_config(args.config) if args.config else RankerConfig()
+    config = replace(config, seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     run_bench_ranking(args.events, args.item_embeddings, args.out, config=config,
                       variants=args.variants, baselines=args.baselines,
                       quantizer_steps=args.quantizer_steps, nproc=args.nproc, seed=args.seed,

@@ -30,7 +30,10 @@ def init_from_torchrun() -> bool:
 
 def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool = False) -> str:
     """Logs one trained variant to MLflow; returns the run id."""
-    mlflow = start_tracking(Path(job.out), "mmtok-train") if not nested else __import__("mlflow")
+    import mlflow
+
+    if not nested:  # a nested run goes under the caller's tracking set-up and parent run
+        start_tracking(Path(job.out), "mmtok-train")
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.log_params({"variant": job.variant, "split_dir": job.split_dir,
                            "item_codes": str(job.item_codes), "streaming": job.streaming,

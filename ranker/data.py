@@ -60,8 +60,7 @@ class InMemoryBatches:
                  seed: int, shard: Shard = Shard()) -> None:
         self.features, self.events = features, events
         self.batch_size, self.seed, self.shard = batch_size, seed, shard
-        per_rank = len(events) // shard.world_size
-        self._rows_per_rank = per_rank if shard.world_size > 1 else len(events)
+        self._rows_per_rank = len(events) // shard.world_size
 
     def num_batches(self, epoch: int) -> int:
         return -(-self._rows_per_rank // self.batch_size)

@@ -84,10 +84,7 @@ class TrainJob:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
-        ranker_known = {f.name for f in fields(RankerConfig)}
-        bad = sorted(set(raw.get("ranker", {})) - ranker_known)
-        if bad:
-            raise ValueError(f"{path}: unknown [ranker] keys {bad}; known: {sorted(ranker_known)}")
+        raw["ranker"] = _ranker_config(raw.get("ranker", {}), path)
         return cls(**raw)
 
     def to_toml(self) -> str:
@@ -99,6 +96,20 @@ class TrainJob:
         lines.append("\n[ranker]")
         lines += [f"{k} = {value(v)}" for k, v in asdict(self.ranker).items()]
         return "\n".join(lines) + "\n"
+
+
+def _ranker_config(table: dict, path) -> RankerConfig:
+    known = {f.name for f in fields(RankerConfig)}
+    bad = sorted(set(table) - known)
+    if bad:
+        raise ValueError(f"{path}: unknown [ranker] keys {bad}; known: {sorted(known)}")
+    return RankerConfig(**table)
+
+
+def load_ranker_config(path: str | Path) -> RankerConfig:
+    """The ``[ranker]`` table of a TOML file alone (defaults for what it leaves out)."""
+    with open(path, "rb") as f:
+        return _ranker_config(tomllib.load(f).get("ranker", {}), path)
 
 
 def load_item_content(job: TrainJob) -> ItemContent:

@@ -112,6 +112,7 @@ def predict(model: nn.Module, features: FeatureEncoder, events: EncodedEvents,
     In a process group every rank scores every ``world_size``-th event (padded so all
     ranks take the same steps) and the scores are gathered, so each rank returns all N.
     """
+    was_training = model.training
     model.eval()
     shard = current_shard()
     n = len(events)
@@ -128,7 +129,7 @@ def predict(model: nn.Module, features: FeatureEncoder, events: EncodedEvents,
         gathered = [torch.empty_like(probs) for _ in range(shard.world_size)]
         dist.all_gather(gathered, probs)
         probs = torch.stack(gathered, dim=1).reshape(-1)[:n]  # row r + k*W sits at k*W + r
-    model.train()
+    model.train(was_training)
     return probs.numpy()
 
 
@@ -151,7 +152,7 @@ def _optimizer_state(opt: torch.optim.Optimizer, tensors: dict, prefix: str):
 
 def _restore_optimizer(opt: torch.optim.Optimizer, skeleton, tensors: dict, where: str) -> None:
     saved = unflatten_state(skeleton, tensors)
-    if isinstance(opt, (torch.optim.Adagrad, torch.optim.Adam)):
+    if isinstance(opt, torch.optim.Adam):  # the MLPs' optimizer: plain state, plain load
         opt.load_state_dict(saved)
     else:  # TorchRec's fused optimizer: its state tensors are the live (sharded) buffers
         copy_into(opt.state_dict()["state"], saved["state"], where)
