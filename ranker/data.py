@@ -32,9 +32,28 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
-def _dropout_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
-    # One generator per step: a resumed run draws the same item-id dropout masks.
-    return torch.Generator().manual_seed(int(_rng(seed, epoch, step, rank).integers(2**62)))
+def item_id_drops(seed: int, epoch: int, step: int, shard: "Shard", n: int,
+                  rate: float) -> torch.Tensor | None:
+    """Which of a rank's ``n`` examples at this step get the out-of-vocabulary item id.
+
+    The draws are made for the whole global batch from ``(seed, epoch, step)`` and rank r
+    takes positions r, r + world_size, ...: a resumed run draws the same masks, and a
+    run on N processes drops the same examples as one process given the same batch.
+    """
+    if rate <= 0:
+        return None
+    generator = torch.Generator().manual_seed(int(_rng(seed, epoch, step, 0).integers(2**62)))
+    draws = torch.rand(n * shard.world_size, generator=generator)
+    return draws[shard.rank::shard.world_size][:n] < rate
+
+
+def rank_batch_size(batch_size: int, shard: "Shard") -> int:
+    """Examples per rank per step: ``batch_size`` is the global batch of one optimizer
+    step, so a run's learning dynamics do not depend on how many processes share it."""
+    if batch_size % shard.world_size:
+        raise ValueError(f"batch_size {batch_size} is the global batch of one step and must "
+                         f"divide evenly over {shard.world_size} processes")
+    return batch_size // shard.world_size
 
 
 @dataclass
@@ -52,29 +71,32 @@ class Shard:
 class InMemoryBatches:
     """Training batches over ``EncodedEvents`` held in memory.
 
-    Each epoch draws one seeded permutation of all rows; rank r takes every
-    ``world_size``-th row of it, cut to the same length on every rank.
+    Each epoch draws one seeded permutation of all rows and cuts it into global batches
+    of ``batch_size``; rank r takes every ``world_size``-th row of each. So N processes
+    train on exactly the batches (and item-id dropout draws) of one process, and
+    their test AUCs differ only by floating-point reduction order.
     """
 
     def __init__(self, features: FeatureEncoder, events: EncodedEvents, *, batch_size: int,
                  seed: int, shard: Shard = Shard()) -> None:
         self.features, self.events = features, events
         self.batch_size, self.seed, self.shard = batch_size, seed, shard
+        self._rank_batch = rank_batch_size(batch_size, shard)
         self._rows_per_rank = len(events) // shard.world_size
 
     def num_batches(self, epoch: int) -> int:
-        return -(-self._rows_per_rank // self.batch_size)
+        return -(-self._rows_per_rank // self._rank_batch)
 
     def batches(self, epoch: int, *, item_id_dropout: float = 0.0, start: int = 0
                 ) -> Iterator[Batch]:
         """Batches of one epoch, from step ``start`` on."""
         order = _rng(self.seed, epoch).permutation(len(self.events))
         mine = order[self.shard.rank::self.shard.world_size][:self._rows_per_rank]
+        b = self._rank_batch
         for step in range(start, self.num_batches(epoch)):
-            index = torch.from_numpy(mine[step * self.batch_size:(step + 1) * self.batch_size])
-            yield self.features.batch(
-                self.events, index, item_id_dropout=item_id_dropout,
-                generator=_dropout_generator(self.seed, epoch, step, self.shard.rank))
+            index = torch.from_numpy(mine[step * b:(step + 1) * b])
+            yield self.features.batch(self.events, index, drop_item_id=item_id_drops(
+                self.seed, epoch, step, self.shard, len(index), item_id_dropout))
 
 
 class ParquetBatches:
@@ -84,7 +106,8 @@ class ParquetBatches:
     ``mmdata.write_split``, which shuffles training rows and sets the row-group size).
     Row groups (cut into slices when there are fewer than ``min_pieces_per_rank`` per
     rank) are dealt to ranks round-robin in a seeded per-epoch order; rows are shuffled
-    within a buffer of ``buffer_groups`` of them and cut into full batches.
+    within a buffer of ``buffer_groups`` of them and cut into full batches of
+    ``batch_size / world_size`` (``batch_size`` is the global batch of one step).
     The rows of a buffer that do not fill a batch are left out that epoch (fewer than
     ``batch_size`` per buffer, a different few each epoch), and every rank stops after
     the same ``num_batches(epoch)`` steps.
@@ -95,6 +118,7 @@ class ParquetBatches:
                  min_pieces_per_rank: int = 16) -> None:
         self.path, self.features = Path(path), features
         self.batch_size, self.seed, self.shard = batch_size, seed, shard
+        self._rank_batch = rank_batch_size(batch_size, shard)
         self.buffer_groups = buffer_groups
         meta = pq.ParquetFile(self.path).metadata
         group_rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -113,7 +137,7 @@ class ParquetBatches:
         self._piece_rows = np.array(rows, dtype=np.int64)  # (n_pieces,)
         if self.num_batches(0) == 0:
             raise ValueError(f"{self.path}: {self.num_rows} training events give rank(s) no full "
-                             f"batch of {batch_size} with {shard.world_size} processes")
+                             f"batch of {self._rank_batch} with {shard.world_size} processes")
 
     def _buffers(self, epoch: int, rank: int) -> list[np.ndarray]:
         order = _rng(self.seed, epoch).permutation(len(self._piece_rows))
@@ -121,7 +145,7 @@ class ParquetBatches:
         return [mine[i:i + self.buffer_groups] for i in range(0, len(mine), self.buffer_groups)]
 
     def _full_batches(self, buffer: np.ndarray) -> int:
-        return int(self._piece_rows[buffer].sum()) // self.batch_size
+        return int(self._piece_rows[buffer].sum()) // self._rank_batch
 
     def num_batches(self, epoch: int) -> int:
         return min(sum(self._full_batches(b) for b in self._buffers(epoch, r))
@@ -151,8 +175,7 @@ class ParquetBatches:
                 if step >= total:
                     break
                 if step >= start:
-                    index = perm[b * self.batch_size:(b + 1) * self.batch_size]
-                    yield self.features.batch(
-                        encoded, index, item_id_dropout=item_id_dropout,
-                        generator=_dropout_generator(self.seed, epoch, step, rank))
+                    index = perm[b * self._rank_batch:(b + 1) * self._rank_batch]
+                    yield self.features.batch(encoded, index, drop_item_id=item_id_drops(
+                        self.seed, epoch, step, self.shard, len(index), item_id_dropout))
                 step += 1

@@ -292,15 +292,15 @@ class FeatureEncoder:
             is_cold=torch.from_numpy(np.asarray(is_cold, dtype=bool)),
         )
 
-    def batch(self, events: EncodedEvents, index: torch.Tensor, *, item_id_dropout: float = 0.0,
-              generator: torch.Generator | None = None
+    def batch(self, events: EncodedEvents, index: torch.Tensor, *,
+              drop_item_id: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
-        """Gathers rows ``index`` into ``(dense (B, Dd), kjt, labels (B,))``."""
+        """Gathers rows ``index`` into ``(dense (B, Dd), kjt, labels (B,))``.
+        ``drop_item_id``: (B,) bool, examples whose item id becomes the OOV row."""
         sparse = events.sparse[index]  # (B, F_ids)
-        if item_id_dropout > 0:
-            drop = torch.rand(len(index), generator=generator) < item_id_dropout
+        if drop_item_id is not None:
             sparse = sparse.clone()
-            sparse[drop, 1] = OOV_ROW  # column 1 is item_id
+            sparse[drop_item_id, 1] = OOV_ROW  # column 1 is item_id
         content_row = events.content_row[index]
         columns = list(sparse.T)
         if self._codes is not None:

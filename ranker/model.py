@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.models.dlrm import (DenseArch, InteractionArch, InteractionDCNArch, OverArch,
+                                  SparseArch, choose)
+from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -38,6 +40,11 @@ class RankerConfig:
     # Also feed each scale's code prefixes (center, center+residual) as features. On
     # MovieLens with MmDict's cascade codes: ids AUC 0.7027 vs 0.6977 without (3 seeds).
     prefix_ngrams: bool = True
+    # How the item's content-ID features meet the other features in the interaction:
+    # "per_feature" (each code and n-gram its own slot), "per_scale" (a scale's codes and
+    # n-grams summed into one slot, as the quantizer sums center and residuals) or
+    # "summed" (all of them in one slot). Every code keeps its own feature and table.
+    code_pooling: str = "per_feature"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     seed: int = 0
@@ -54,6 +61,86 @@ class RankerConfig:
             raise ValueError(f"over_arch must end in 1 (the logit), got {self.over_arch}")
         if self.interaction not in ("dlrm", "dcn"):
             raise ValueError(f"interaction must be 'dlrm' or 'dcn', got {self.interaction!r}")
+        if self.code_pooling not in CODE_POOLINGS:
+            raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "
+                             f"got {self.code_pooling!r}")
+
+
+CODE_POOLINGS = ("per_feature", "per_scale", "summed")
+
+
+def interaction_slots(sparse_names: list[str], code_pooling: str) -> tuple[list[str], list[int]]:
+    """``(slot_names, slot_of_feature)``: which interaction slot each sparse feature's
+    pooled embedding is summed into. Content features are ``code_<scale>_<level>`` and
+    ``ngram_<scale>_<level>``; every other feature keeps a slot of its own.
+
+    >>> interaction_slots(["user_id", "code_s_0", "code_s_1", "ngram_s_1", "code_m_0"], "per_scale")
+    (['user_id', 'content_s', 'content_m'], [0, 1, 1, 1, 2])
+    """
+    slots: list[str] = []
+    slot_of: list[int] = []
+    for name in sparse_names:
+        kind, _, rest = name.partition("_")
+        if kind in ("code", "ngram") and code_pooling != "per_feature":
+            slot = "content" if code_pooling == "summed" else f"content_{rest.rsplit('_', 1)[0]}"
+        else:
+            slot = name
+        if slot not in slots:
+            slots.append(slot)
+        slot_of.append(slots.index(slot))
+    return slots, slot_of
+
+
+class SlotSparseArch(SparseArch):
+    """TorchRec's ``SparseArch`` whose (B, F, D) output is summed into (B, S, D)
+    interaction slots (see ``interaction_slots``); one slot per feature is the plain arch."""
+
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection,
+                 slot_of_feature: list[int]) -> None:
+        super().__init__(embedding_bag_collection)
+        self.num_slots = max(slot_of_feature) + 1
+        self._identity = self.num_slots == self.F
+        self.register_buffer("slot_of_feature", torch.tensor(slot_of_feature, dtype=torch.int64),
+                             persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        embedded = super().forward(features)  # (B, F, D)
+        if self._identity:
+            return embedded
+        slots = embedded.new_zeros(embedded.shape[0], self.num_slots, embedded.shape[2])
+        return slots.index_add_(1, self.slot_of_feature, embedded)  # (B, S, D)
+
+
+class CtrNet(nn.Module):
+    """DLRM or DCN-v2 (TorchRec's ``DenseArch``, ``InteractionArch`` /
+    ``InteractionDCNArch``, ``OverArch``) over a ``SlotSparseArch``. With one slot per
+    feature it is ``torchrec.models.dlrm.DLRM`` / ``DLRM_DCN``, parameter for parameter."""
+
+    def __init__(self, ebc: EmbeddingBagCollection, slot_of_feature: list[int],
+                 dense_in_features: int, config: RankerConfig) -> None:
+        super().__init__()
+        dim = config.embedding_dim
+        self.sparse_arch = SlotSparseArch(ebc, slot_of_feature)
+        slots = self.sparse_arch.num_slots
+        self.dense_arch = DenseArch(in_features=dense_in_features,
+                                    layer_sizes=config.dense_arch)
+        if config.interaction == "dcn":
+            self.inter_arch = InteractionDCNArch(
+                num_sparse_features=slots,
+                crossnet=LowRankCrossNet(in_features=(slots + 1) * dim,
+                                         num_layers=config.dcn_layers,
+                                         low_rank=config.dcn_rank))
+            over_in = (slots + 1) * dim
+        else:
+            self.inter_arch = InteractionArch(num_sparse_features=slots)
+            over_in = dim + choose(slots, 2) + slots
+        self.over_arch = OverArch(in_features=over_in, layer_sizes=config.over_arch)
+
+    def forward(self, dense_features: torch.Tensor,
+                sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        interactions = self.inter_arch(dense_features=self.dense_arch(dense_features),
+                                       sparse_features=self.sparse_arch(sparse_features))
+        return self.over_arch(interactions)
 
 
 class RankingModel(nn.Module):
@@ -81,16 +168,8 @@ class RankingModel(nn.Module):
             for name, size in zip(sparse_names, sparse_sizes)
         ]
         ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
-        if config.interaction == "dcn":
-            self.net = DLRM_DCN(ebc, dense_in_features=dense_in_features,
-                                dense_arch_layer_sizes=config.dense_arch,
-                                over_arch_layer_sizes=config.over_arch,
-                                dcn_num_layers=config.dcn_layers,
-                                dcn_low_rank_dim=config.dcn_rank)
-        else:
-            self.net = DLRM(ebc, dense_in_features=dense_in_features,
-                            dense_arch_layer_sizes=config.dense_arch,
-                            over_arch_layer_sizes=config.over_arch)
+        self.slot_names, slot_of = interaction_slots(list(sparse_names), config.code_pooling)
+        self.net = CtrNet(ebc, slot_of, dense_in_features, config)
 
     def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return self.net(dense_features=dense, sparse_features=kjt).squeeze(-1)

@@ -80,10 +80,28 @@ def build_model(features: FeatureEncoder, config: RankerConfig
         compute_kernels=[EmbeddingComputeKernel.FUSED.value]) for name in features.sparse_names}
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
         model, None, dist.GroupMember.WORLD)
+    initial = {key: value.detach().clone() for key, value in model.state_dict().items()}
     dmp = DistributedModelParallel(model, device=device, plan=plan)
+    _load_unsharded(dmp, initial)
     dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     dense_opt = torch.optim.Adam(dense_params, lr=config.lr_dense, weight_decay=config.weight_decay)
     return dmp, dmp.fused_optimizer, dense_opt
+
+
+@torch.no_grad()
+def _load_unsharded(dmp: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies a plain model's weights into a DMP model, each rank its shards. The
+    sharded tables draw their own initial rows per rank; this makes the start of
+    training the seeded plain model's, whatever the number of processes."""
+    for key, live in dmp.state_dict().items():
+        value = state[key.removeprefix("module.")]
+        if isinstance(live, ShardedTensor):
+            for shard in live.local_shards():
+                index = tuple(slice(o, o + n) for o, n in
+                              zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                shard.tensor.copy_(value[index])
+        else:
+            live.copy_(value)
 
 
 @torch.no_grad()

@@ -56,10 +56,11 @@ def test_feature_encoder_batches_ids_codes_and_dense(small_world, world_split, w
     assert kjt["code_m_1"].values().tolist() == codes[item_ids, 3].tolist()
     torch.testing.assert_close(dense, torch.from_numpy(small_world.embeddings.vectors[item_ids]))
     train = fe.encode(world_split.train)
-    _, kjt_drop, _ = fe.batch(train, torch.arange(2000), item_id_dropout=0.5,
-                              generator=torch.Generator().manual_seed(0))
-    dropped = (kjt_drop["item_id"].values() == 0).float().mean().item()
-    assert 0.4 < dropped < 0.6
+    drop = torch.arange(2000) % 3 == 0
+    _, kjt_drop, _ = fe.batch(train, torch.arange(2000), drop_item_id=drop)
+    items = kjt_drop["item_id"].values()
+    assert (items[drop] == 0).all()
+    assert torch.equal(items[~drop], train.sparse[:2000, 1][~drop])
 
 
 def test_events_with_unknown_items_are_an_error(small_world, world_split):
