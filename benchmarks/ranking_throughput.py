@@ -4,10 +4,11 @@ For each variant (``no_content`` and ``ids`` by default) this streams the traini
 split from parquet with ``ranker.ParquetBatches`` and reports examples/s of
 (a) the loader alone (read row groups, encode ids, gather codes, build KJT batches),
 (b) the full training step (forward, backward, fused Adagrad + Adam) fed by it,
-each the median of ``--repeats`` timed windows of ``--steps`` steps, all in one
-process, so the ratios are comparable on a shared machine. Also prints peak RSS.
+each the median of ``--repeats`` timed windows of ``--steps`` steps, interleaved
+across variants in one process, so the ratios are comparable on a shared machine. Also prints peak RSS.
 
-Run (after ``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
+The model is the default ``RankerConfig`` (prefix n-grams on) or the ``[ranker]`` table
+of ``--config``. Run (after ``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
 
     python benchmarks/ranking_throughput.py --split runs/bench-ranking/synthetic-1m/split \
         --codes runs/bench-ranking/synthetic-1m/codes/mmtok.parquet --out runs/throughput
@@ -16,6 +17,7 @@ Run (after ``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -27,7 +29,7 @@ import torch
 
 from ranker import FeatureEncoder, RankerConfig
 from ranker.data import ParquetBatches
-from ranker.job import TrainJob, load_item_content
+from ranker.job import TrainJob, load_item_content, load_ranker_config
 from ranker.train import build_model, train_step
 
 
@@ -35,43 +37,53 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(split: Path, codes: Path, variant: str, *, steps: int, repeats: int,
-            batch_size: int) -> dict:
-    job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
-                   ranker=RankerConfig(batch_size=batch_size))
-    content = load_item_content(job)
-    features = FeatureEncoder(pl.scan_parquet(split / "train.parquet"), content,
-                              use_codes=variant.startswith("ids"), use_dense_content=False)
-    source = ParquetBatches(split / "train.parquet", features, batch_size=batch_size, seed=0)
-    torch.set_num_threads(job.ranker.num_threads)
+class Bench:
+    """One variant's loader and training step, each fed by its own stream of batches."""
 
-    def stream():
+    def __init__(self, split: Path, codes: Path, variant: str, config: RankerConfig) -> None:
+        job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
+                       ranker=config)
+        features = FeatureEncoder(pl.scan_parquet(split / "train.parquet"), load_item_content(job),
+                                  use_codes=variant.startswith("ids"), use_dense_content=False,
+                                  prefix_ngrams=config.prefix_ngrams)
+        self.variant, self.features = variant, features
+        self.source = ParquetBatches(split / "train.parquet", features,
+                                     batch_size=config.batch_size, seed=0)
+        self.model, self.sparse_opt, self.dense_opt = build_model(features, config)
+        self.loader_stream, self.train_stream = self._stream(), self._stream()
+        self.rates: dict[str, list[float]] = {"loader": [], "train": []}
+
+    def _stream(self):
         epoch = 0
         while True:  # as many epochs as the windows need
-            yield from source.batches(epoch, item_id_dropout=0.1)
+            yield from self.source.batches(epoch, item_id_dropout=0.1)
             epoch += 1
 
-    def windows(fn) -> list[float]:
-        rates = []
-        it = stream()
-        for _ in range(repeats + 1):  # the first window warms up
-            start, n = time.perf_counter(), 0
-            for _ in range(steps):
-                n += fn(next(it))
-            rates.append(n / (time.perf_counter() - start))
-        return rates[1:]
+    def window(self, kind: str, steps: int) -> float:
+        """Examples/s over ``steps`` batches of the loader alone or loader + training step."""
+        stream = self.loader_stream if kind == "loader" else self.train_stream
+        start, n = time.perf_counter(), 0
+        for _ in range(steps):
+            batch = next(stream)
+            if kind == "train":
+                train_step(self.model, self.sparse_opt, self.dense_opt, batch)
+            n += len(batch[2])
+        return n / (time.perf_counter() - start)
 
-    loader = windows(lambda batch: len(batch[2]))
-    model, sparse_opt, dense_opt = build_model(features, job.ranker)
 
-    def step(batch) -> int:
-        train_step(model, sparse_opt, dense_opt, batch)
-        return len(batch[2])
-
-    trainer = windows(step)
-    return {"variant": variant, "loader_ex_per_s": statistics.median(loader),
-            "train_ex_per_s": statistics.median(trainer), "loader_runs": loader,
-            "train_runs": trainer}
+def measure(benches: list[Bench], *, steps: int, repeats: int) -> list[dict]:
+    """Windows interleaved across variants (a burst of load on a shared machine hits
+    all of them alike); the first round warms up and is dropped."""
+    for round_ in range(repeats + 1):
+        for bench in benches:
+            for kind in ("loader", "train"):
+                rate = bench.window(kind, steps)
+                if round_:
+                    bench.rates[kind].append(rate)
+    return [{"variant": b.variant, "loader_ex_per_s": statistics.median(b.rates["loader"]),
+             "train_ex_per_s": statistics.median(b.rates["train"]),
+             "loader_runs": b.rates["loader"], "train_runs": b.rates["train"],
+             "sparse_features": b.features.sparse_names} for b in benches]
 
 
 def main() -> None:
@@ -81,12 +93,21 @@ def main() -> None:
     parser.add_argument("--variants", default="no_content,ids")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: the config's batch_size")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML whose [ranker] table sets the model (default RankerConfig)")
     parser.add_argument("--out", type=Path, default=Path("runs/throughput"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [measure(args.split, args.codes, v, steps=args.steps, repeats=args.repeats,
-                    batch_size=args.batch_size) for v in args.variants.split(",")]
+    config = load_ranker_config(args.config) if args.config else RankerConfig()
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+    print(f"prefix_ngrams={config.prefix_ngrams} code_pooling={config.code_pooling} "
+          f"interaction={config.interaction} batch {config.batch_size}")
+    torch.set_num_threads(config.num_threads)
+    benches = [Bench(args.split, args.codes, v, config) for v in args.variants.split(",")]
+    rows = measure(benches, steps=args.steps, repeats=args.repeats)
     print(f"\n{'variant':<12} {'loader ex/s':>12} {'train ex/s':>12} {'loader/train':>13}")
     for r in rows:
         print(f"{r['variant']:<12} {r['loader_ex_per_s']:>12,.0f} {r['train_ex_per_s']:>12,.0f} "

@@ -26,6 +26,7 @@ class RankerConfig:
     interaction: str = "dlrm"
     dcn_layers: int = 2
     dcn_rank: int = 16
+    # Examples per optimizer step over all processes (each of N ranks takes batch_size / N).
     batch_size: int = 512
     epochs: int = 8
     # Stop after this many epochs without a better validation AUC.
@@ -45,6 +46,10 @@ class RankerConfig:
     # n-grams summed into one slot, as the quantizer sums center and residuals) or
     # "summed" (all of them in one slot). Every code keeps its own feature and table.
     code_pooling: str = "per_feature"
+    # Initial rows of the content-ID tables: "zeros" (a code says nothing until training
+    # shows what it means; a row no training item reached, e.g. a cold item's fine code
+    # or n-gram, stays silent) or "uniform" (TorchRec's default, like the id tables).
+    code_init: str = "uniform"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     seed: int = 0
@@ -61,12 +66,19 @@ class RankerConfig:
             raise ValueError(f"over_arch must end in 1 (the logit), got {self.over_arch}")
         if self.interaction not in ("dlrm", "dcn"):
             raise ValueError(f"interaction must be 'dlrm' or 'dcn', got {self.interaction!r}")
+        if self.code_init not in ("zeros", "uniform"):
+            raise ValueError(f"code_init must be 'zeros' or 'uniform', got {self.code_init!r}")
         if self.code_pooling not in CODE_POOLINGS:
             raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "
                              f"got {self.code_pooling!r}")
 
 
 CODE_POOLINGS = ("per_feature", "per_scale", "summed")
+
+
+def is_content_feature(name: str) -> bool:
+    """``code_<scale>_<level>`` and ``ngram_<scale>_<level>``: the item's content IDs."""
+    return name.startswith(("code_", "ngram_"))
 
 
 def interaction_slots(sparse_names: list[str], code_pooling: str) -> tuple[list[str], list[int]]:
@@ -80,9 +92,9 @@ def interaction_slots(sparse_names: list[str], code_pooling: str) -> tuple[list[
     slots: list[str] = []
     slot_of: list[int] = []
     for name in sparse_names:
-        kind, _, rest = name.partition("_")
-        if kind in ("code", "ngram") and code_pooling != "per_feature":
-            slot = "content" if code_pooling == "summed" else f"content_{rest.rsplit('_', 1)[0]}"
+        if is_content_feature(name) and code_pooling != "per_feature":
+            scale = name.split("_", 1)[1].rsplit("_", 1)[0]
+            slot = "content" if code_pooling == "summed" else f"content_{scale}"
         else:
             slot = name
         if slot not in slots:
@@ -170,6 +182,11 @@ class RankingModel(nn.Module):
         ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         self.slot_names, slot_of = interaction_slots(list(sparse_names), config.code_pooling)
         self.net = CtrNet(ebc, slot_of, dense_in_features, config)
+        if config.code_init == "zeros":
+            with torch.no_grad():
+                for name, table in ebc.embedding_bags.items():
+                    if is_content_feature(name.removeprefix("t_")):
+                        table.weight.zero_()
 
     def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return self.net(dense_features=dense, sparse_features=kjt).squeeze(-1)
