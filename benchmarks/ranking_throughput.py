@@ -43,9 +43,10 @@ class Bench:
     def __init__(self, split: Path, codes: Path, variant: str, config: RankerConfig) -> None:
         job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
                        ranker=config)
-        features = FeatureEncoder(pl.scan_parquet(split / "train.parquet"), load_item_content(job),
-                                  use_codes=variant.startswith("ids"), use_dense_content=False,
-                                  prefix_ngrams=config.prefix_ngrams)
+        features = FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
+                                              load_item_content(job), config,
+                                              use_codes=variant.startswith("ids"),
+                                              use_dense_content=False)
         self.variant, self.features = variant, features
         self.source = ParquetBatches(split / "train.parquet", features,
                                      batch_size=config.batch_size, seed=0)

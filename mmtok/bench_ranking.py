@@ -144,6 +144,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             "variants": results,
             "quantization_loss": loss,
             "nproc": nproc,
+            "ranker": asdict(config),
             "ranker_seeds": ranker_seeds or [config.seed],
             "timings": timings,
             "mlflow_run_id": parent.info.run_id,

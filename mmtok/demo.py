@@ -107,10 +107,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
                 content = ItemContent(embeddings.item_ids, codes=codes,
                                       code_names=quantizer.code_names,
                                       codebook_sizes=quantizer.codebook_sizes)
-                features = FeatureEncoder(split.train, content, use_codes=True,
-                                          use_dense_content=False,
-                                          min_count=rconfig.min_id_count,
-                                          prefix_ngrams=rconfig.prefix_ngrams)
+                features = FeatureEncoder.from_config(split.train, content, rconfig,
+                                                      use_codes=True, use_dense_content=False)
                 served = ServableModel(trained.model, features, rconfig, quantizer=quantizer)
                 served.save(out / "model", name=f"demo-{name}")
                 log(f"servable model {served.model_version} -> {out / 'model'}")

@@ -50,6 +50,35 @@ def plot_variant_auc(variants: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def _summary(metrics: dict) -> list[str]:
+    """The report's answers in sentences, for whichever variants ran."""
+    v, loss = metrics["variants"], metrics.get("quantization_loss") or {}
+    noise = max((m.get("auc_std", 0.0) for m in v.values()), default=0.0)
+    out = []
+    if "lift_lost_recon" in loss:
+        ok = "under" if loss["lift_lost_recon"] < 0.01 else "over"
+        out.append(f"- Content rebuilt from the IDs (`recon`) loses "
+                   f"**{loss['lift_lost_recon'] * 100:+.2f}%** of the dense embedding's lift, "
+                   f"{ok} the 1% bar.")
+    if "lift_lost" in loss:
+        verb = "lose" if loss["lift_lost"] > 0 else "gain"
+        out.append(f"- The IDs alone (`ids`) {verb} **{abs(loss['lift_lost']) * 100:.2f}%** of "
+                   f"the dense lift (AUC {v['ids']['auc']:.4f} vs {v['dense']['auc']:.4f}).")
+    if "ids_dense" in v and "dense" in v:
+        diff = v["ids_dense"]["auc"] - v["dense"]["auc"]
+        out.append(f"- IDs beside the dense vector (`ids_dense`): {diff:+.4f} AUC over `dense`.")
+    if "ids" in v and "no_content" in v and v["ids"].get("auc_cold") is not None:
+        out.append(f"- Cold items: `ids` {v['ids']['auc_cold']:.4f} vs `no_content` "
+                   f"{v['no_content']['auc_cold']:.4f} AUC.")
+    if "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
+        ratio = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
+        out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s.")
+    if noise:
+        out.append(f"- Seed-to-seed spread of AUC is up to {noise:.4f}: differences smaller "
+                   "than that are not resolved by this run.")
+    return ["## Summary", "", *out, ""] if out else []
+
+
 def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
     """Writes ``out_dir/report.md`` (and ``variant_auc.png``) from a metrics dict."""
     variants = metrics["variants"]
@@ -67,6 +96,19 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         f"{split.get('test', {}).get('cold_rows', '-')}.",
         "",
     ]
+    lines += _summary(metrics)
+    ranker = metrics.get("ranker")
+    if ranker:
+        lines += [
+            f"Ranker: {ranker['interaction'].upper()} over TorchRec tables of width "
+            f"{ranker['embedding_dim']}; content IDs as one feature each"
+            f"{' plus prefix n-grams' if ranker.get('prefix_ngrams') else ''}, interaction slots "
+            f"`{ranker.get('code_pooling', 'per_feature')}`, ID rows initialised "
+            f"`{ranker.get('code_init', 'uniform')}`; global batch {ranker['batch_size']}, "
+            f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
+            f"(patience {ranker['patience']}); {metrics.get('nproc', 1)} process(es).",
+            "",
+        ]
     q = metrics.get("quantizer")
     if q:
         lines += [

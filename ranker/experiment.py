@@ -75,10 +75,9 @@ def run_variants(split: EventSplit, item_ids: np.ndarray, *, embeddings: np.ndar
             raise ValueError("variant 'recon' needs reconstructions")
         content = ItemContent(item_ids, vectors=vectors, codes=codes if variant.codes else None,
                               code_names=code_names, codebook_sizes=codebook_sizes)
-        features = FeatureEncoder(split.train, content, use_codes=variant.codes,
-                                  use_dense_content=vectors is not None,
-                                  min_count=config.min_id_count,
-                                  prefix_ngrams=config.prefix_ngrams)
+        features = FeatureEncoder.from_config(split.train, content, config,
+                                              use_codes=variant.codes,
+                                              use_dense_content=vectors is not None)
         train = features.encode(split.train, where="train events")
         valid = features.encode(split.valid, where="validation events")
         test = features.encode(split.test, where="test events")

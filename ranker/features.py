@@ -173,10 +173,23 @@ class FeatureEncoder:
             so a residual code is read together with the center it refines.
         use_dense_content: feed the item's content vector as dense input.
         min_count: ids seen fewer times in training share the out-of-vocabulary row.
+        min_code_items: a content-ID value (code or n-gram) shared by fewer distinct
+            training items than this goes to its table's out-of-vocabulary row: such a
+            value names an item more than a kind of content, and would carry that item's
+            own click effects to the cold items that share it. 1 keeps every value.
     """
 
+    @classmethod
+    def from_config(cls, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, config, *,
+                    use_codes: bool, use_dense_content: bool) -> "FeatureEncoder":
+        """The encoder a ``RankerConfig`` asks for (id counts, n-grams, code pruning)."""
+        return cls(train, content, use_codes=use_codes, use_dense_content=use_dense_content,
+                   min_count=config.min_id_count, prefix_ngrams=config.prefix_ngrams,
+                   min_code_items=config.min_code_items)
+
     def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,
-                 use_dense_content: bool, min_count: int = 1, prefix_ngrams: bool = False) -> None:
+                 use_dense_content: bool, min_count: int = 1, prefix_ngrams: bool = False,
+                 min_code_items: int = 1) -> None:
         if use_codes and content.codes is None:
             raise ValueError("use_codes=True needs ItemContent.codes")
         if use_dense_content and content.vectors is None:
@@ -203,19 +216,38 @@ class FeatureEncoder:
             self.dense_mean = np.array([stats[f"m_{c}"][0] for c in self.dense_names], np.float32)
             self.dense_std = np.maximum(
                 np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
+        self.code_vocabs: dict[str, IdVocab] = {}
+        if use_codes and min_code_items > 1:
+            names, codes = self._content_codes(content)
+            rows, found = content.find(self.vocabs["item_id"].ids)
+            trained = np.unique(rows[found])  # content rows of the items training saw
+            self.code_vocabs = {name: IdVocab.fit(codes[trained, j], min_count=min_code_items)
+                                for j, name in enumerate(names)}
         self._set_content(content)
+
+    def _content_codes(self, content: ItemContent) -> tuple[list[str], np.ndarray]:
+        """Code feature names and raw values (n, C) per content row, n-grams included."""
+        names, sizes, codes = list(content.code_names), list(content.codebook_sizes), content.codes
+        if self.prefix_ngrams:
+            ngram_names, _, ngrams = prefix_ngram_codes(codes, names, sizes)
+            names += ngram_names
+            codes = np.concatenate([codes, ngrams], axis=1)
+        return names, codes
 
     def _set_content(self, content: ItemContent) -> None:
         self.content = content
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
-        self.code_names = list(content.code_names) if self.use_codes else []
-        self.code_sizes = list(content.codebook_sizes) if self.use_codes else []
-        codes = content.codes if self.use_codes else None
-        if self.use_codes and self.prefix_ngrams:
-            names, sizes, ngrams = prefix_ngram_codes(content.codes, self.code_names, self.code_sizes)
-            self.code_names += names
-            self.code_sizes += sizes
-            codes = np.concatenate([codes, ngrams], axis=1)
+        self.code_names, self.code_sizes, codes = [], [], None
+        if self.use_codes:
+            self.code_names, codes = self._content_codes(content)
+            self.code_sizes = list(content.codebook_sizes)
+            if self.prefix_ngrams:
+                self.code_sizes += prefix_ngram_codes(content.codes[:0], content.code_names,
+                                                      content.codebook_sizes)[1]
+            if self.code_vocabs:  # pruned: value -> row, rare values -> row 0
+                codes = np.stack([self.code_vocabs[name].rows(codes[:, j])
+                                  for j, name in enumerate(self.code_names)], axis=1)
+                self.code_sizes = [self.code_vocabs[n].num_embeddings for n in self.code_names]
         self.sparse_names = self.id_names + self.code_names
         self._codes = torch.from_numpy(np.ascontiguousarray(codes)) if self.use_codes else None
         self._vectors = torch.from_numpy(content.vectors) if self.use_dense_content else None
@@ -225,8 +257,9 @@ class FeatureEncoder:
         (id vocabularies, dense-context standardization), for ``from_state``."""
         meta = {"cat_names": self.cat_names, "dense_names": self.dense_names,
                 "use_codes": self.use_codes, "use_dense_content": self.use_dense_content,
-                "prefix_ngrams": self.prefix_ngrams}
+                "prefix_ngrams": self.prefix_ngrams, "code_vocabs": list(self.code_vocabs)}
         arrays = {f"vocab.{name}": vocab.ids for name, vocab in self.vocabs.items()}
+        arrays |= {f"code_vocab.{name}": vocab.ids for name, vocab in self.code_vocabs.items()}
         if self.dense_names:
             arrays["dense_mean"], arrays["dense_std"] = self.dense_mean, self.dense_std
         return meta, arrays
@@ -241,6 +274,8 @@ class FeatureEncoder:
         encoder.cat_names, encoder.dense_names = list(meta["cat_names"]), list(meta["dense_names"])
         encoder.vocabs = {name: IdVocab(np.asarray(arrays[f"vocab.{name}"], dtype=np.int64))
                           for name in ["user_id", "item_id", *encoder.cat_names]}
+        encoder.code_vocabs = {name: IdVocab(np.asarray(arrays[f"code_vocab.{name}"], dtype=np.int64))
+                               for name in meta.get("code_vocabs", [])}
         if encoder.dense_names:
             encoder.dense_mean = np.asarray(arrays["dense_mean"], dtype=np.float32)
             encoder.dense_std = np.asarray(arrays["dense_std"], dtype=np.float32)

@@ -175,10 +175,9 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     content = load_item_content(job)
     variant = VARIANTS[job.variant]
     train_scan = pl.scan_parquet(split / "train.parquet")
-    features = FeatureEncoder(train_scan if job.streaming else train_scan.collect(), content,
-                              use_codes=variant.codes, use_dense_content=variant.dense is not None,
-                              min_count=job.ranker.min_id_count,
-                              prefix_ngrams=job.ranker.prefix_ngrams)
+    features = FeatureEncoder.from_config(train_scan if job.streaming else train_scan.collect(),
+                                          content, job.ranker, use_codes=variant.codes,
+                                          use_dense_content=variant.dense is not None)
     valid = features.encode(pl.read_parquet(split / "valid.parquet"), where="validation events")
     if job.streaming:
         source = ParquetBatches(split / "train.parquet", features, batch_size=job.ranker.batch_size,

@@ -52,6 +52,9 @@ class RankerConfig:
     code_init: str = "uniform"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
+    # A content-ID value (code or n-gram) that fewer distinct training items share goes
+    # to its table's out-of-vocabulary row (it names an item more than a kind of content).
+    min_code_items: int = 1
     seed: int = 0
     # Intra-op threads while training. The MLPs and batches are small, so threads mostly
     # wait on each other (measured: 1 thread ran ~10x faster than 2 on a busy 2-core

@@ -145,3 +145,30 @@ def test_prefix_ngrams_read_a_residual_code_with_its_center():
     assert fe.sparse_names[-2:] == ["ngram_s_1", "ngram_m_1"] and fe.sparse_sizes[-2:] == [16, 80]
     _, kjt, _ = fe.batch(fe.encode(events), torch.tensor([2, 0]))
     assert kjt["ngram_s_1"].values().tolist() == [2, 6]
+
+
+def test_content_id_values_few_training_items_share_go_to_the_oov_row():
+    import polars as pl
+
+    names = ["code_s_0", "code_s_1"]
+    #  items 0-3 trained; item 4 cold (its codes count for nothing)
+    codes = np.array([[1, 2], [1, 3], [1, 2], [0, 2], [0, 3]])
+    content = ItemContent(np.arange(5), codes=codes, code_names=names, codebook_sizes=[4, 4])
+    events = pl.DataFrame({"user_id": [1, 2, 3, 4], "item_id": [0, 1, 2, 3], "ts": [0, 1, 2, 3],
+                           "label": [0, 1, 0, 1]})
+    fe = FeatureEncoder(events, content, use_codes=True, use_dense_content=False,
+                        prefix_ngrams=True, min_code_items=2)
+    # code_s_0: value 1 has 3 items (kept), value 0 one (pruned). code_s_1: 2 -> 3 items, 3 -> 1.
+    # ngram_s_1: (1, 2) -> 2 items kept; (1, 3) and (0, 2) -> 1 item each, pruned.
+    assert fe.sparse_sizes[-3:] == [2, 2, 2]
+    cold = pl.DataFrame({"user_id": [9], "item_id": [4], "ts": [9], "label": [0]})
+    _, kjt, _ = fe.batch(fe.encode(pl.concat([events, cold])), torch.arange(5))
+    assert kjt["code_s_0"].values().tolist() == [1, 1, 1, 0, 0]
+    assert kjt["code_s_1"].values().tolist() == [1, 0, 1, 1, 0]
+    assert kjt["ngram_s_1"].values().tolist() == [1, 0, 1, 0, 0]
+    # The serving path rebuilds the same rows from the saved state.
+    meta, arrays = fe.state()
+    again = FeatureEncoder.from_state(meta, arrays, content)
+    _, kjt2, _ = again.batch(again.encode(pl.concat([events, cold])), torch.arange(5))
+    assert kjt2.values().tolist() == kjt.values().tolist()
+    assert again.sparse_sizes == fe.sparse_sizes
