@@ -337,14 +337,16 @@ class FeatureEncoder:
             sparse = sparse.clone()
             sparse[drop_item_id, 1] = OOV_ROW  # column 1 is item_id
         content_row = events.content_row[index]
-        columns = list(sparse.T)
+        values = [sparse.T.reshape(-1)]  # feature-major: (F_ids * B,)
         if self._codes is not None:
-            columns += list(self._codes[content_row].T)  # (C, B)
+            values.append(self._codes[content_row].T.reshape(-1))  # (C * B,)
         dense_parts = [events.dense_ctx[index]]
         if self._vectors is not None:
             dense_parts.append(self._vectors[content_row])
         dense = torch.cat(dense_parts, dim=1)
         if dense.shape[1] == 0:
             dense = torch.zeros(len(index), 1)
-        return dense, kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns]), \
-            events.labels[index]
+        kjt = KeyedJaggedTensor(keys=self.sparse_names, values=torch.cat(values),
+                                lengths=torch.ones(len(self.sparse_names) * len(index),
+                                                   dtype=torch.int32))
+        return dense, kjt, events.labels[index]

@@ -33,6 +33,10 @@ class RankerConfig:
     patience: int = 2
     lr_dense: float = 1e-3
     lr_sparse: float = 0.02
+    # The tables' learning rate in epoch e is lr_sparse * lr_sparse_decay ** e. Id and
+    # content-ID rows fit their events within an epoch or two and then over-fit, while
+    # the MLPs over a dense input keep improving; a decay < 1 lets the latter go on.
+    lr_sparse_decay: float = 1.0
     # L2 on the dense (MLP) weights.
     weight_decay: float = 1e-5
     # Share of training examples whose item id is replaced by the out-of-vocabulary

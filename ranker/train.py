@@ -276,6 +276,9 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         n_batches = source.num_batches(epoch)
+        for group in sparse_opt.param_groups:
+            group["lr"] = config.lr_sparse * config.lr_sparse_decay ** epoch
+        sparse_opt.step()  # pushes the rate into the fused kernels (no update: no gradients)
         bar = tqdm(total=n_batches, initial=state["step"], unit="batch", leave=False,
                    desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not progress,
                    mininterval=1.0)

@@ -83,6 +83,22 @@ def test_training_lowers_the_loss_and_learns(small_world, world_split, world_cod
     assert result.history[result.best_epoch - 1]["valid_auc"] > 0.62
 
 
+def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
+    """lr_sparse_decay = 0: the tables learn in epoch 1 only, so two epochs end with the
+    tables of one, whichever epoch validation picks."""
+    fe = FeatureEncoder(world_split.train, ItemContent(np.arange(10_000)), use_codes=False,
+                        use_dense_content=False)
+    train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
+
+    def tables(epochs: int, decay: float) -> dict[str, torch.Tensor]:
+        cfg = RankerConfig(epochs=epochs, patience=epochs, lr_sparse_decay=decay)
+        model = train_ranker(fe, train, valid, cfg, progress=False).model
+        return {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
+
+    one, frozen = tables(1, 0.0), tables(2, 0.0)
+    assert one and all(torch.equal(one[k], frozen[k]) for k in one)
+
+
 def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes):
     """The synthetic world's clicks depend on content; a cold item has only its IDs.
     Averaged over two seeds: one small run moves cold AUC by about 0.01. The codes
