@@ -10,6 +10,10 @@ What the generator puts in, so that each part of mmtok has something to find:
   with clicks (an encoder sees more than what drives CTR).
 * **Clicks that depend on content x user taste**: ``logit = taste_scale * <u, z>``,
   each user's taste ``u`` drawn near one or two topic centres.
+* **Appeal the content shows**: ``a_i = content_appeal_std * <d, z_i>`` (standardized)
+  for one fixed direction ``d`` in latent space, the same for every user: a creative's
+  quality is partly visible in its pixels and words, so content predicts clicks on an
+  item no one has clicked yet.
 * **Per-item effects only an ID can learn**: ``b_i ~ N(0, item_effect_std)``, not
   visible in the embedding.
 * **Position bias**: ``cat_position`` in 0..n_positions-1 lowers the logit by
@@ -48,6 +52,9 @@ class SyntheticWorldConfig:
     taste_scale: float = 1.5
     # Std of the per-item effect that only an item ID can learn.
     item_effect_std: float = 0.6
+    # Std of the per-item appeal that the content shows (0: content matters only
+    # through user taste). Drawn from its own stream: 0 gives the world of before.
+    content_appeal_std: float = 0.5
     position_bias: float = 0.35
     n_positions: int = 10
     # Logit offset; sets the base click rate (about 0.2 at -1.6).
@@ -74,6 +81,8 @@ class SyntheticWorld:
     # Ground truth for tests: latent content (n_items, latent_dim) and item effects.
     latent: np.ndarray
     item_effect: np.ndarray
+    # (n_items,) the appeal the content shows (see content_appeal_std).
+    content_appeal: np.ndarray
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         out_dir = Path(out_dir)
@@ -124,6 +133,10 @@ def generate_world(
         vectors[start:stop] = _normalize(view)
 
     item_effect = (cfg.item_effect_std * rng.normal(size=cfg.n_items)).astype(f32)
+    appeal_dir = np.random.default_rng([cfg.seed, 1]).normal(size=cfg.latent_dim).astype(f32)
+    appeal = latent @ appeal_dir
+    appeal = (cfg.content_appeal_std * (appeal - appeal.mean()) / max(appeal.std(), 1e-12)
+              ).astype(f32)
     popularity = rng.lognormal(mean=0.0, sigma=1.0, size=cfg.n_items).astype(f32)
     # Most items exist from the start; the rest launch over the time line (new ads).
     launch = np.where(
@@ -168,7 +181,7 @@ def generate_world(
         device = rng.integers(0, 3, size=n)
         logit = (cfg.base_logit
                  + cfg.taste_scale * np.einsum("nl,nl->n", taste[user], latent[item])
-                 + item_effect[item]
+                 + item_effect[item] + appeal[item]
                  - cfg.position_bias * np.log1p(position)
                  + 0.1 * (device == 2))
         labels[start:stop] = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
@@ -204,4 +217,5 @@ def generate_world(
         events=events,
         latent=latent,
         item_effect=item_effect,
+        content_appeal=appeal,
     )

@@ -1,5 +1,8 @@
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
+import pytest
 
 from mmdata import SyntheticWorldConfig, generate_world, split_events
 
@@ -44,6 +47,22 @@ def test_synthetic_clicks_depend_on_taste_item_effect_and_position(small_world):
     assert top > bottom + 0.05
     by_pos = events.group_by("cat_position").agg(pl.col("label").mean()).sort("cat_position")
     assert by_pos["label"][0] > by_pos["label"][-1]
+
+
+def test_synthetic_content_shows_part_of_an_items_appeal(small_world):
+    """The appeal is a linear read of the latent content (so an embedding can reveal it),
+    it moves clicks, and setting it to 0 leaves the rest of the world unchanged."""
+    appeal, latent = small_world.content_appeal, small_world.latent
+    fit = np.linalg.lstsq(np.c_[latent, np.ones(len(latent))], appeal, rcond=None)[0]
+    assert np.allclose(np.c_[latent, np.ones(len(latent))] @ fit, appeal, atol=1e-4)
+    assert appeal.std() == pytest.approx(small_world.config.content_appeal_std, rel=1e-3)
+    events = small_world.events.with_columns(
+        pl.Series("appeal", appeal[small_world.events["item_id"].to_numpy()]))
+    assert (events.filter(pl.col("appeal") > 0.4)["label"].mean()
+            > events.filter(pl.col("appeal") < -0.4)["label"].mean() + 0.05)
+    plain = generate_world(replace(small_world.config, content_appeal_std=0.0), progress=False)
+    assert np.array_equal(plain.item_effect, small_world.item_effect)
+    assert np.array_equal(plain.events["item_id"].to_numpy(), small_world.events["item_id"].to_numpy())
 
 
 def test_synthetic_items_launch_over_time(small_world):
