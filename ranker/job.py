@@ -28,13 +28,13 @@ import polars as pl
 
 from mmdata.contracts import DataContractError, code_columns, read_codes, read_embeddings
 from safetensors.torch import save_file
+from torch import nn
 
-from ranker.checkpoint import flatten_state
 from ranker.data import InMemoryBatches, ParquetBatches
 from ranker.experiment import VARIANTS
 from ranker.features import FeatureEncoder, ItemContent
-from ranker.model import RankerConfig
-from ranker.train import TrainResult, current_shard, evaluate, train_ranker
+from ranker.model import RankerConfig, RankingModel
+from ranker.train import TrainResult, current_shard, evaluate, train_ranker, unshard_model
 
 
 @dataclass
@@ -150,18 +150,20 @@ def _all_item_ids(job: TrainJob) -> np.ndarray:
     return ids["item_id"].to_numpy()
 
 
-def save_model(model, directory: Path, job: TrainJob) -> Path:
-    """The trained weights, one safetensors file per rank (each rank's own shards of
-    the tables; a one-process model is the whole model), and the job beside them."""
+def save_model(model: nn.Module, directory: Path, job: TrainJob,
+               features: FeatureEncoder) -> Path | None:
+    """The trained model as one file, ``model.safetensors`` (a plain ``RankingModel``
+    state dict; under several processes the ranks' table shards are gathered to rank 0,
+    which writes it), with the job beside it. Returns the directory on rank 0."""
+    plain = model if isinstance(model, RankingModel) else unshard_model(model, features, job.ranker)
+    if plain is None:
+        return None
     directory.mkdir(parents=True, exist_ok=True)
-    shard = current_shard()
-    tensors: dict = {}
-    skeleton = flatten_state(model.state_dict(), "model", tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()},
-              str(directory / f"rank{shard.rank}.safetensors"),
-              metadata={"skeleton": json.dumps(skeleton), "world_size": str(shard.world_size)})
-    if shard.rank == 0:
-        (directory / "job.toml").write_text(job.to_toml())
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()},
+              str(directory / "model.safetensors"),
+              metadata={"world_size": str(current_shard().world_size),
+                        "sparse_names": json.dumps(features.sparse_names)})
+    (directory / "job.toml").write_text(job.to_toml())
     return directory
 
 
@@ -200,7 +202,7 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
                    best_epoch=trained.best_epoch, history=trained.history,
                    world_size=shard.world_size, resumed=trained.resumed,
                    wall_s=time.perf_counter() - started)
-    save_model(trained.model, out / "model", job)
+    save_model(trained.model, out / "model", job, features)
     if shard.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

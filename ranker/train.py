@@ -105,19 +105,24 @@ def _load_unsharded(dmp: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def unshard_model(trained: nn.Module, features: FeatureEncoder, config: RankerConfig) -> RankingModel:
-    """A plain ``RankingModel`` with the weights of a one-process DMP model (for
-    serving and export). With several processes each rank holds only its shards."""
-    if dist.get_world_size() != 1:
-        raise RuntimeError("unshard_model needs a one-process model")
-    plain = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, config)
+def unshard_model(trained: nn.Module, features: FeatureEncoder, config: RankerConfig
+                  ) -> RankingModel | None:
+    """A plain ``RankingModel`` with the weights of a DMP model, for serving and export.
+    Collective under several processes: every rank sends its table shards to rank 0,
+    which gets the model; the other ranks get None."""
+    rank = dist.get_rank()
     state = {}
     for key, value in trained.state_dict().items():
         if isinstance(value, ShardedTensor):
-            (shard,) = value.local_shards()
-            value = shard.tensor
-        state[key.removeprefix("module.")] = value.detach().clone()
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        if rank == 0:
+            state[key.removeprefix("module.")] = value.detach().cpu().clone()
+    if rank != 0:
+        return None
+    plain = RankingModel(features.sparse_names, features.sparse_sizes,
+                         features.dense_in_features, config)
     plain.load_state_dict(state)
     return plain.eval()
 
