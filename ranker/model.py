@@ -46,14 +46,16 @@ class RankerConfig:
     # MovieLens with MmDict's cascade codes: ids AUC 0.7027 vs 0.6977 without (3 seeds).
     prefix_ngrams: bool = True
     # How the item's content-ID features meet the other features in the interaction:
-    # "per_feature" (each code and n-gram its own slot), "per_scale" (a scale's codes and
-    # n-grams summed into one slot, as the quantizer sums center and residuals) or
-    # "summed" (all of them in one slot). Every code keeps its own feature and table.
-    code_pooling: str = "per_feature"
+    # "summed" (all of them summed into one content slot, as a residual quantizer sums
+    # its codewords into one vector), "per_scale" (one slot per scale) or "per_feature"
+    # (each code and n-gram its own slot). Every code keeps its own feature and table.
+    # MovieLens, 3 seeds, mean AUC ids / ids_dense: summed + zeros 0.7028 / 0.7042,
+    # per_feature + uniform 0.7031 / 0.7012; summed costs less per step (fewer pairs).
+    code_pooling: str = "summed"
     # Initial rows of the content-ID tables: "zeros" (a code says nothing until training
     # shows what it means; a row no training item reached, e.g. a cold item's fine code
     # or n-gram, stays silent) or "uniform" (TorchRec's default, like the id tables).
-    code_init: str = "uniform"
+    code_init: str = "zeros"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     # A content-ID value (code or n-gram) that fewer distinct training items share goes

@@ -188,3 +188,27 @@ def test_content_id_values_few_training_items_share_go_to_the_oov_row():
     _, kjt2, _ = again.batch(again.encode(pl.concat([events, cold])), torch.arange(5))
     assert kjt2.values().tolist() == kjt.values().tolist()
     assert again.sparse_sizes == fe.sparse_sizes
+
+
+def test_content_ids_are_summed_into_one_interaction_slot_and_start_silent():
+    names = ["user_id", "item_id", "code_s_0", "code_s_1", "ngram_s_1", "code_m_0"]
+    kjt = kjt_from_columns(names, [torch.tensor([1, 2]), torch.tensor([0, 3]), torch.tensor([1, 0]),
+                                   torch.tensor([2, 2]), torch.tensor([5, 6]), torch.tensor([3, 1])])
+    plain = RankingModel(names, [4, 5, 4, 4, 16, 4], 1,
+                         RankerConfig(code_pooling="per_feature", code_init="uniform"))
+    per_feature = plain.net.sparse_arch(kjt)  # (B, 6, D)
+    for pooling, slots in [("summed", ["user_id", "item_id", "content"]),
+                           ("per_scale", ["user_id", "item_id", "content_s", "content_m"])]:
+        model = RankingModel(names, [4, 5, 4, 4, 16, 4], 1,
+                             RankerConfig(code_pooling=pooling, code_init="uniform"))
+        tables = {k: v for k, v in plain.state_dict().items() if "embedding_bags" in k}
+        model.load_state_dict(tables, strict=False)  # the same tables; the MLPs differ in width
+        assert model.slot_names == slots
+        pooled = model.net.sparse_arch(kjt)
+        assert pooled.shape == (2, len(slots), 16)
+        torch.testing.assert_close(pooled[:, :2], per_feature[:, :2])
+        want = per_feature[:, 2:].sum(1) if pooling == "summed" else per_feature[:, 2:5].sum(1)
+        torch.testing.assert_close(pooled[:, 2], want)
+    silent = RankingModel(names, [4, 5, 4, 4, 16, 4], 1, RankerConfig())  # summed, zeros
+    assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 2]) == 0
+    assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 0]) > 0
