@@ -180,7 +180,8 @@ class RankingModel(nn.Module):
     """
 
     def __init__(self, sparse_names: list[str], sparse_sizes: list[int],
-                 dense_in_features: int, config: RankerConfig) -> None:
+                 dense_in_features: int, config: RankerConfig,
+                 table_device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
         tables = [
             EmbeddingBagConfig(name=f"t_{name}", embedding_dim=config.embedding_dim,
@@ -188,7 +189,8 @@ class RankingModel(nn.Module):
                                pooling=PoolingType.SUM)
             for name, size in zip(sparse_names, sparse_sizes)
         ]
-        ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+        # table_device "meta": tables with no storage, for DMP to shard and allocate.
+        ebc = EmbeddingBagCollection(tables=tables, device=table_device)
         self.slot_names, slot_of = interaction_slots(list(sparse_names), config.code_pooling)
         self.net = CtrNet(ebc, slot_of, dense_in_features, config)
         if config.code_init == "zeros":

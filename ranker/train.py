@@ -66,8 +66,13 @@ def build_model(features: FeatureEncoder, config: RankerConfig
 
     ensure_process_group()
     torch.manual_seed(config.seed)
+    # The seeded weights every rank starts from. The model DMP shards has its tables on
+    # the meta device: the per-rank shards are allocated by TorchRec, and no full-size
+    # table is left behind, held alive by the in-backward optimizer's hooks.
+    initial = RankingModel(features.sparse_names, features.sparse_sizes,
+                           features.dense_in_features, config).state_dict()
     model = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, config)
+                         features.dense_in_features, config, table_device=torch.device("meta"))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
     apply_optimizer_in_backward(torch.optim.Adagrad, model.sparse_parameters(),
@@ -80,7 +85,6 @@ def build_model(features: FeatureEncoder, config: RankerConfig
         compute_kernels=[EmbeddingComputeKernel.FUSED.value]) for name in features.sparse_names}
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
         model, None, dist.GroupMember.WORLD)
-    initial = {key: value.detach().clone() for key, value in model.state_dict().items()}
     dmp = DistributedModelParallel(model, device=device, plan=plan)
     _load_unsharded(dmp, initial)
     dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
