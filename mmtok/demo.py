@@ -129,6 +129,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
                           "codebook_sizes": quantizer.codebook_sizes, **qmetrics},
             "variants": {name: {k: v for k, v in m.items()} for name, m in results.items()},
             "quantization_loss": loss,
+            "ranker": asdict(rconfig),
             "timings": timings,
             "mlflow_run_id": parent.info.run_id,
         }

@@ -56,10 +56,11 @@ def _summary(metrics: dict) -> list[str]:
     noise = max((m.get("auc_std", 0.0) for m in v.values()), default=0.0)
     out = []
     if "lift_lost_recon" in loss:
-        ok = "under" if loss["lift_lost_recon"] < 0.01 else "over"
-        out.append(f"- Content rebuilt from the IDs (`recon`) loses "
-                   f"**{loss['lift_lost_recon'] * 100:+.2f}%** of the dense embedding's lift, "
-                   f"{ok} the 1% bar.")
+        lost = loss["lift_lost_recon"]
+        ok = "under" if lost < 0.01 else "over"
+        out.append(f"- Content rebuilt from the IDs (`recon`) {'loses' if lost > 0 else 'gains'} "
+                   f"**{abs(lost) * 100:.2f}%** of the dense embedding's lift, {ok} the "
+                   "1% bar for the loss.")
     if "lift_lost" in loss:
         verb = "lose" if loss["lift_lost"] > 0 else "gain"
         out.append(f"- The IDs alone (`ids`) {verb} **{abs(loss['lift_lost']) * 100:.2f}%** of "
