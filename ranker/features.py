@@ -218,32 +218,29 @@ class FeatureEncoder:
                 np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
         self.code_vocabs: dict[str, IdVocab] = {}
         if use_codes and min_code_items > 1:
-            names, codes = self._content_codes(content)
+            names, _, codes = self._content_codes(content)
             rows, found = content.find(self.vocabs["item_id"].ids)
             trained = np.unique(rows[found])  # content rows of the items training saw
             self.code_vocabs = {name: IdVocab.fit(codes[trained, j], min_count=min_code_items)
                                 for j, name in enumerate(names)}
         self._set_content(content)
 
-    def _content_codes(self, content: ItemContent) -> tuple[list[str], np.ndarray]:
-        """Code feature names and raw values (n, C) per content row, n-grams included."""
+    def _content_codes(self, content: ItemContent) -> tuple[list[str], list[int], np.ndarray]:
+        """Code feature names, their sizes and raw values (n, C) per content row, n-grams
+        included."""
         names, sizes, codes = list(content.code_names), list(content.codebook_sizes), content.codes
         if self.prefix_ngrams:
-            ngram_names, _, ngrams = prefix_ngram_codes(codes, names, sizes)
-            names += ngram_names
+            ngram_names, ngram_sizes, ngrams = prefix_ngram_codes(codes, names, sizes)
+            names, sizes = names + ngram_names, sizes + ngram_sizes
             codes = np.concatenate([codes, ngrams], axis=1)
-        return names, codes
+        return names, sizes, codes
 
     def _set_content(self, content: ItemContent) -> None:
         self.content = content
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
         self.code_names, self.code_sizes, codes = [], [], None
         if self.use_codes:
-            self.code_names, codes = self._content_codes(content)
-            self.code_sizes = list(content.codebook_sizes)
-            if self.prefix_ngrams:
-                self.code_sizes += prefix_ngram_codes(content.codes[:0], content.code_names,
-                                                      content.codebook_sizes)[1]
+            self.code_names, self.code_sizes, codes = self._content_codes(content)
             if self.code_vocabs:  # pruned: value -> row, rare values -> row 0
                 codes = np.stack([self.code_vocabs[name].rows(codes[:, j])
                                   for j, name in enumerate(self.code_names)], axis=1)
@@ -337,16 +334,14 @@ class FeatureEncoder:
             sparse = sparse.clone()
             sparse[drop_item_id, 1] = OOV_ROW  # column 1 is item_id
         content_row = events.content_row[index]
-        values = [sparse.T.reshape(-1)]  # feature-major: (F_ids * B,)
+        columns = list(sparse.T)
         if self._codes is not None:
-            values.append(self._codes[content_row].T.reshape(-1))  # (C * B,)
+            columns += list(self._codes[content_row].T)  # (C, B)
         dense_parts = [events.dense_ctx[index]]
         if self._vectors is not None:
             dense_parts.append(self._vectors[content_row])
         dense = torch.cat(dense_parts, dim=1)
         if dense.shape[1] == 0:
             dense = torch.zeros(len(index), 1)
-        kjt = KeyedJaggedTensor(keys=self.sparse_names, values=torch.cat(values),
-                                lengths=torch.ones(len(self.sparse_names) * len(index),
-                                                   dtype=torch.int32))
-        return dense, kjt, events.labels[index]
+        return dense, kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns]), \
+            events.labels[index]
