@@ -93,8 +93,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     embeddings = read_embeddings(args.embeddings)
     quantizer, _ = build_quantizer(args.quantizer, seed=args.seed, steps=args.steps,
                                    scale_sizes=args.scale_sizes, levels=args.levels)
-    quantizer.fit(embeddings.vectors, **({"progress": not args.quiet}
-                                         if args.quantizer == "mmdict" else {}))
+    quantizer.fit(embeddings.vectors, progress=not args.quiet)
     out = Path(args.out)
     quantizer.save(out / "quantizer")
     codes = encode_items(quantizer, embeddings)

@@ -315,6 +315,7 @@ class MmDictQuantizer:
         self.code_names, self.codebook_sizes = scale_code_layout(cfg.scale_sizes, cfg.levels)
         self.net: MultiScaleResidualQuantizer | None = None
         self.history: list[dict] = []
+        self._tables: tuple[tuple, object] | None = None  # (weights' identity, encode tables)
 
     @property
     def dim(self) -> int | None:
@@ -489,7 +490,12 @@ class MmDictQuantizer:
         out = np.empty((len(x), net.n_codes), dtype=np.int64)
         books = [[net.codebooks[j] for j in levels] for levels in net._scale_slices()]
         projection = (net.encoder.weight, net.encoder.bias)
-        tables = build_encode_tables(books, projection, cfg.mode) if cfg.beam_size == 1 else None
+        tables = None
+        if cfg.beam_size == 1:  # built once per set of weights, not per request
+            key = (id(net), *(p._version for p in net.parameters()))
+            if self._tables is None or self._tables[0] != key:
+                self._tables = (key, build_encode_tables(books, projection, cfg.mode))
+            tables = self._tables[1]
         step = cfg.encode_batch_size
         for start in range(0, len(x), step):
             xb = torch.from_numpy(x[start:start + step])

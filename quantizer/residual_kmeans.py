@@ -64,6 +64,7 @@ class ResidualKMeansQuantizer:
         self.code_names, self.codebook_sizes = scale_code_layout(cfg.scale_sizes, cfg.levels)
         self.codebooks: list[np.ndarray] = []  # one (k, d) per code column
         self.dim: int | None = None
+        self._tables: tuple[tuple[int, ...], object] | None = None  # (codebook ids, tables)
 
     def fit(self, x: np.ndarray, *, progress: bool = False) -> "ResidualKMeansQuantizer":
         """x: (n, d) float32. ``progress`` is accepted for interface parity (k-means is fast)."""
@@ -104,7 +105,10 @@ class ResidualKMeansQuantizer:
         codes = np.empty((len(x), len(self.codebooks)), dtype=np.int64)
         books = [[torch.from_numpy(self.codebooks[s * cfg.levels + level])
                   for level in range(cfg.levels)] for s in range(len(cfg.scale_sizes))]
-        tables = build_encode_tables(books, mode="parallel")
+        key = tuple(id(book) for book in self.codebooks)  # fit and load make new arrays
+        if self._tables is None or self._tables[0] != key:  # built once, not per request
+            self._tables = (key, build_encode_tables(books, mode="parallel"))
+        tables = self._tables[1]
         for start in range(0, len(x), cfg.batch_size):
             xb = torch.from_numpy(x[start:start + cfg.batch_size])
             codes[start:start + len(xb)] = multiscale_encode(

@@ -150,8 +150,6 @@ class ServableModel:
                               code_names=list(f.content.code_names),
                               codebook_sizes=list(f.content.codebook_sizes))
         view = f.with_content(content)
-        if "label" not in events.columns:
-            events = events.with_columns(pl.lit(0, dtype=pl.Int8).alias("label"))
         encoded = view.encode(events, content_row=np.arange(n))
         dense, kjt, _ = view.batch(encoded, torch.arange(n))
         return torch.sigmoid(self.model(dense, kjt)).numpy()

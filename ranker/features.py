@@ -303,7 +303,7 @@ class FeatureEncoder:
     def encode(self, events: pl.DataFrame, *, where: str = "events",
                content_row: np.ndarray | None = None) -> EncodedEvents:
         """``content_row``: each event's row in the content tables (default: looked up
-        by ``item_id``)."""
+        by ``item_id``). Events to score need no ``label`` (it is 0 then)."""
         n = events.height
         sparse = np.stack([self.vocabs[name].rows(events[name].to_numpy())
                            for name in self.id_names], axis=1) if n else np.zeros((0, len(self.id_names)), np.int64)
@@ -320,7 +320,8 @@ class FeatureEncoder:
                 self.content.rows(events["item_id"].to_numpy(), where=where)
                 if content_row is None else np.asarray(content_row, dtype=np.int64)),
             dense_ctx=torch.from_numpy(np.ascontiguousarray(ctx)),
-            labels=torch.from_numpy(events["label"].to_numpy().astype(np.float32)),
+            labels=torch.from_numpy(events["label"].to_numpy().astype(np.float32)
+                                    if "label" in events.columns else np.zeros(n, np.float32)),
             is_cold=torch.from_numpy(np.asarray(is_cold, dtype=bool)),
         )
 

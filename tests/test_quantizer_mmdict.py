@@ -159,3 +159,14 @@ def test_greedy_encode_runs_the_multiscale_op(clustered_embeddings):
         _, forward_codes, _ = net.eval()(torch.from_numpy(clustered_embeddings))
     assert np.array_equal(codes, ref.numpy())
     assert np.array_equal(codes, forward_codes.numpy())
+
+
+def test_encode_tables_follow_weights_changed_in_place(clustered_embeddings):
+    q = MmDictQuantizer(small_config(steps=20)).fit(clustered_embeddings, progress=False)
+    before = q.encode(clustered_embeddings)
+    assert np.array_equal(q.encode(clustered_embeddings), before)  # cached tables, same codes
+    with torch.no_grad():
+        q.net.codebooks[0].copy_(q.net.codebooks[0].flip(0))  # reorder the first codebook
+    after = q.encode(clustered_embeddings)
+    k = q.codebook_sizes[0]
+    assert np.array_equal(after[:, 0], k - 1 - before[:, 0])

@@ -107,3 +107,15 @@ def test_encode_runs_the_multiscale_op_in_parallel_mode(clustered_embeddings):
     books = [[torch.from_numpy(q.codebooks[s * 2 + level]) for level in range(2)] for s in range(2)]
     ref = pytorch_multiscale_encode(torch.from_numpy(x), books, None, "parallel")
     assert np.array_equal(q.encode(x), ref.numpy())
+
+
+def test_encode_tables_are_reused_and_rebuilt_after_a_new_fit(clustered_embeddings):
+    x = clustered_embeddings
+    q = ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[8, 16], seed=3)).fit(x)
+    first = q.encode(x)
+    tables = q._tables[1]
+    assert np.array_equal(q.encode(x[:7]), first[:7]) and q._tables[1] is tables
+    refit = q.fit(x[::-1].copy() * 2.0)  # other data: other codebooks
+    fresh = ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[8, 16], seed=3)).fit(
+        x[::-1].copy() * 2.0)
+    assert np.array_equal(refit.encode(x), fresh.encode(x))

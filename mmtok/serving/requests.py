@@ -89,7 +89,7 @@ def _embedding_matrix(items, rows: np.ndarray, dim: int, what: str) -> np.ndarra
     return matrix
 
 
-def _check_widths(items, widths: np.ndarray, dim: int | None, what: str) -> None:
+def _check_widths(widths: np.ndarray, dim: int | None, what: str) -> None:
     if dim is None:
         return
     wrong = np.flatnonzero((widths != 0) & (widths != dim))
@@ -119,7 +119,7 @@ def validate_score_request(request: ScoreRequest, model: ServableModel,
     item_ids = np.fromiter((c.item_id for c in candidates), dtype=np.int64, count=n)
     widths = np.fromiter((len(c.embedding) for c in candidates), dtype=np.int64, count=n)
     dim = model.embedding_dim if model.needs_content else None
-    _check_widths(candidates, widths, dim, "candidates")
+    _check_widths(widths, dim, "candidates")
     tokenized = np.zeros(n, dtype=bool)
     new_embeddings = np.zeros((0, dim or 0), dtype=np.float32)
     if dim is not None:
@@ -159,6 +159,6 @@ def validate_tokenize_request(request: TokenizeRequest, model: ServableModel,
     if len(missing):
         raise _invalid(f"items[{int(missing[0])}].embedding: missing; Tokenize needs every "
                        "item's embedding")
-    _check_widths(items, widths, dim, "items")
+    _check_widths(widths, dim, "items")
     item_ids = np.fromiter((c.item_id for c in items), dtype=np.int64, count=n)
     return item_ids, _embedding_matrix(items, np.arange(n), dim, "items")
