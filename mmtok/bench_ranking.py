@@ -125,9 +125,11 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 seeded = replace(job, ranker=replace(config, seed=ranker_seed),
                                  out=job.out if not ranker_seeds else f"{job.out}/seed-{ranker_seed}")
                 runs.append(_run_job(seeded, nproc=nproc, progress=progress))
+                # One nested MLflow run per trained model, with its own model files.
+                log_train_run(seeded, runs[-1], nested=True,
+                              run_name=name if not ranker_seeds else f"{name}-seed{ranker_seed}")
             metrics = _mean_over_seeds(runs) if ranker_seeds else runs[0]
             results[name] = metrics
-            log_train_run(job, metrics, run_name=name, nested=True)
             log(f"{name:>14}: test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
                 f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
         timings["rank_s"] = time.perf_counter() - t
