@@ -107,7 +107,9 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"`{ranker.get('code_pooling', 'per_feature')}`, ID rows initialised "
             f"`{ranker.get('code_init', 'uniform')}`; global batch {ranker['batch_size']}, "
             f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
-            f"(patience {ranker['patience']}); {metrics.get('nproc', 1)} process(es).",
+            f"(patience {ranker['patience']}), the tables held still in the first "
+            f"{ranker.get('table_warmup_epochs', 0)} while the MLPs warm up; "
+            f"{metrics.get('nproc', 1)} process(es).",
             "",
         ]
     q = metrics.get("quantizer")

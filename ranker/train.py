@@ -185,6 +185,15 @@ def _restore_optimizer(opt: torch.optim.Optimizer, skeleton, tensors: dict, wher
         copy_into(opt.state_dict()["state"], saved["state"], where)
 
 
+def table_learning_rate(config: RankerConfig, epoch: int) -> float:
+    """The tables' Adagrad rate in ``epoch`` (from 0): 0 in the warm-up epochs (the
+    fused kernel still adds each touched row's squared gradient to its Adagrad sum),
+    then ``lr_sparse`` decayed per epoch."""
+    if epoch < config.table_warmup_epochs:
+        return 0.0
+    return config.lr_sparse * config.lr_sparse_decay ** (epoch - config.table_warmup_epochs)
+
+
 def train_step(model: nn.Module, sparse_opt: torch.optim.Optimizer,
                dense_opt: torch.optim.Optimizer, batch) -> torch.Tensor:
     """One optimizer step on ``(dense, kjt, labels)``; returns the batch's BCE loss."""
@@ -286,7 +295,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         epoch = state["epoch"]
         n_batches = source.num_batches(epoch)
         for group in sparse_opt.param_groups:
-            group["lr"] = config.lr_sparse * config.lr_sparse_decay ** epoch
+            group["lr"] = table_learning_rate(config, epoch)
         sparse_opt.step()  # pushes the rate into the fused kernels (no update: no gradients)
         bar = tqdm(total=n_batches, initial=state["step"], unit="batch", leave=False,
                    desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not progress,

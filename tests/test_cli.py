@@ -10,7 +10,7 @@ from mmtok.cli import main
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "1", "--quantizer", "mmdict",
+    assert main(["demo", "--out", str(out), "--epochs", "2", "--quantizer", "mmdict",
                  "--quantizer-steps", "60", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "ids_dense"}

@@ -7,6 +7,8 @@ from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer
 from ranker import (FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingModel, auc,
                     kjt_from_columns, lift_lost, log_loss, normalized_entropy, quantization_loss,
                     run_variants, train_ranker)
+from ranker.data import InMemoryBatches
+from ranker.train import build_model, table_learning_rate, train_step
 
 
 def test_kjt_on_a_hand_drawn_batch():
@@ -91,12 +93,43 @@ def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
     train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
 
     def tables(epochs: int, decay: float) -> dict[str, torch.Tensor]:
-        cfg = RankerConfig(epochs=epochs, patience=epochs, lr_sparse_decay=decay)
+        cfg = RankerConfig(epochs=epochs, patience=epochs, lr_sparse_decay=decay,
+                           table_warmup_epochs=0)
         model = train_ranker(fe, train, valid, cfg, progress=False).model
         return {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
 
     one, frozen = tables(1, 0.0), tables(2, 0.0)
     assert one and all(torch.equal(one[k], frozen[k]) for k in one)
+
+
+def test_table_warmup_holds_the_tables_but_gathers_their_adagrad_sums(world_split):
+    """In the warm-up epoch the MLPs learn and the tables keep their initial rows, while
+    the fused Adagrad still sums the squared gradients of the rows a batch touched (so
+    the tables' first real steps are scaled by what the warm-up saw)."""
+    fe = FeatureEncoder(world_split.train, ItemContent(np.arange(10_000)), use_codes=False,
+                        use_dense_content=False)
+    train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
+    cfg = RankerConfig(epochs=3, table_warmup_epochs=1)
+    model, sparse_opt, dense_opt = build_model(fe, cfg)
+    initial = {k: v.local_shards()[0].tensor.clone() for k, v in model.state_dict().items()
+               if "embedding_bags" in k}
+    mlp = [p.detach().clone() for p in dense_opt.param_groups[0]["params"]]
+    for group in sparse_opt.param_groups:
+        group["lr"] = table_learning_rate(cfg, 0)
+    sparse_opt.step()
+    source = InMemoryBatches(fe, train, batch_size=cfg.batch_size, seed=0)
+    for _, batch in zip(range(20), source.batches(0)):
+        train_step(model, sparse_opt, dense_opt, batch)
+    after = {k: v.local_shards()[0].tensor for k, v in model.state_dict().items()
+             if "embedding_bags" in k}
+    assert initial and all(torch.equal(initial[k], after[k]) for k in initial)
+    assert any(not torch.equal(a, p) for a, p in zip(mlp, dense_opt.param_groups[0]["params"]))
+    sums = [s.local_shards()[0].tensor for state in sparse_opt.state_dict()["state"].values()
+            for s in state.values() if hasattr(s, "local_shards")]
+    assert sums and all(float(s.max()) > 0 for s in sums)
+    assert table_learning_rate(cfg, 1) == cfg.lr_sparse
+    with pytest.raises(ValueError, match="table_warmup_epochs"):
+        RankerConfig(epochs=1, table_warmup_epochs=1)
 
 
 def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes):

@@ -166,7 +166,8 @@ def test_codes_missing_for_an_events_item_is_a_clear_error(tmp_path, world_files
     short = tmp_path / "codes.parquet"
     codes.filter(pl.col("item_id") % 7 != 0).write_parquet(short)
     job = TrainJob(split_dir=str(world_files["root"] / "split"), out=str(tmp_path / "run"),
-                   variant="ids", item_codes=str(short), ranker=RankerConfig(epochs=1))
+                   variant="ids", item_codes=str(short),
+                   ranker=RankerConfig(epochs=1, table_warmup_epochs=0))
     with pytest.raises(DataContractError, match="item_id values have no item embedding/codes"):
         run_train_job(job, progress=False)
 
@@ -256,7 +257,7 @@ def test_sigkill_mid_epoch_then_resume_ends_where_an_uninterrupted_run_ends(tmp_
 
 def test_checkpoints_refuse_corruption_and_never_start_over_silently(tmp_path, world_files):
     job = _job(world_files, tmp_path / "run", checkpoint_every=50,
-               ranker=RankerConfig(epochs=1, batch_size=256))
+               ranker=RankerConfig(epochs=1, table_warmup_epochs=0, batch_size=256))
     run_train_job(job, progress=False, stop_after_steps=60)
     (gen,) = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     tensors, state = load_checkpoint(gen / "rank0.safetensors")

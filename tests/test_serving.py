@@ -32,7 +32,7 @@ from ranker.bundle import BundleError, ServableModel
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS, N_KNOWN = 1000, 900
 CONFIG = RankerConfig(embedding_dim=8, dense_arch=[16, 8], over_arch=[16, 1], epochs=1,
-                      batch_size=256)
+                      table_warmup_epochs=0, batch_size=256)
 
 
 @pytest.fixture(scope="module")
