@@ -290,7 +290,7 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert main(["bench-ranking", "--events", str(world_files["events"]),
                  "--item-embeddings", str(world_files["item_embeddings"]), "--out", str(out),
                  "--variants", "no_content,dense,recon,ids,faiss_rq_ids", "--baselines", "faiss_rq",
-                 "--epochs", "1", "--quantizer-steps", "20", "--seeds", "0,1", "--quiet"]) == 0
+                 "--epochs", "2", "--quantizer-steps", "20", "--seeds", "0,1", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "faiss_rq_ids"}
     for m in metrics["variants"].values():
@@ -302,6 +302,9 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
     assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
     assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
+    # A finished run's checkpoints (for --resume only) are gone; its model stays.
+    assert not list(out.glob("variants/**/checkpoints"))
+    assert len(list(out.glob("variants/*/seed-*/model/model.safetensors"))) == 10
     report = (out / "report.md").read_text()
     assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
     assert (out / "variant_auc.png").stat().st_size > 10_000
