@@ -6,6 +6,10 @@ import math
 from pathlib import Path
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -107,8 +111,8 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"`{ranker.get('code_pooling', 'per_feature')}`, ID rows initialised "
             f"`{ranker.get('code_init', 'uniform')}`; global batch {ranker['batch_size']}, "
             f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
-            f"(patience {ranker['patience']}), the tables held still in the first "
-            f"{ranker.get('table_warmup_epochs', 0)} while the MLPs warm up; "
+            f"(patience {ranker['patience']}), the tables held still for "
+            f"{_epochs(ranker.get('table_warmup_epochs', 0))} while the MLPs warm up; "
             f"{metrics.get('nproc', 1)} process(es).",
             "",
         ]
