@@ -85,8 +85,9 @@ class RankerConfig:
         if self.code_init not in ("zeros", "uniform"):
             raise ValueError(f"code_init must be 'zeros' or 'uniform', got {self.code_init!r}")
         if not 0 <= self.table_warmup_epochs < self.epochs:
-            raise ValueError(f"table_warmup_epochs must be in [0, epochs={self.epochs}), "
-                             f"got {self.table_warmup_epochs}")
+            raise ValueError(f"table_warmup_epochs must be in [0, epochs={self.epochs}), got "
+                             f"{self.table_warmup_epochs}: the tables would never learn (raise "
+                             f"epochs, or set table_warmup_epochs = 0 in the [ranker] table)")
         if self.code_pooling not in CODE_POOLINGS:
             raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "
                              f"got {self.code_pooling!r}")
