@@ -251,7 +251,8 @@ class ServableModel:
         if features.sparse_names != spec["sparse_names"]:
             raise BundleError(f"{directory / MANIFEST}: sparse_names {spec['sparse_names']} "
                               f"!= the tables' {features.sparse_names}")
-        config = RankerConfig(**manifest["ranker"])
+        # A model saved before the table warm-up existed was trained without one.
+        config = RankerConfig(**{"table_warmup_epochs": 0, **manifest["ranker"]})
         model = RankingModel(features.sparse_names, features.sparse_sizes,
                              features.dense_in_features, config)
         try:

@@ -2,6 +2,7 @@
 here on a small synthetic world whose last 10% of items are brand-new ads (no row in
 the model's content table, no training event)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -387,6 +388,11 @@ def test_bundle_round_trip_with_dense_content(world, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     with pytest.raises(BundleError, match="no bundle.json"):
         ServableModel.load(tmp_path)
+    # A bundle written before RankerConfig had a table warm-up (a 1-epoch model) loads.
+    manifest = json.loads((tmp_path / "m" / "bundle.json").read_text())
+    del manifest["ranker"]["table_warmup_epochs"]
+    (tmp_path / "m" / "bundle.json").write_text(json.dumps(manifest))
+    assert ServableModel.load(tmp_path / "m").config.table_warmup_epochs == 0
 
 
 # ------------------------------------------------------------------------ CLI
