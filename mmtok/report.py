@@ -77,7 +77,9 @@ def _summary(metrics: dict) -> list[str]:
                    f"{v['no_content']['auc_cold']:.4f} AUC.")
     if "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
         ratio = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
-        out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s.")
+        out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s in this run "
+                   "(one pass each, on a shared machine; `benchmarks/ranking_throughput.py` "
+                   "compares them in interleaved windows).")
     if noise:
         out.append(f"- Seed-to-seed spread of AUC is up to {noise:.4f}: differences smaller "
                    "than that are not resolved by this run.")
