@@ -18,7 +18,10 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def plot_variant_auc(variants: dict[str, dict], path: Path) -> Path:
+def plot_variant_auc(variants: dict[str, dict], path: Path, *, warmup_epochs: int = 0,
+                     curves_title: str = "Training curves") -> Path:
+    """Test AUC by variant (all / warm / cold) beside the validation curves. The curves'
+    scale is set by the epochs after the table warm-up, which is shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,10 +47,19 @@ def plot_variant_auc(variants: dict[str, dict], path: Path) -> Path:
         history = variants[name].get("history", [])
         ax_curve.plot([h["epoch"] for h in history], [h["valid_auc"] for h in history],
                       marker="o", label=name)
+    learning = [h["valid_auc"] for n in names for h in variants[n].get("history", [])
+                if h["epoch"] > warmup_epochs]
+    if warmup_epochs:
+        ax_curve.axvspan(0.5, warmup_epochs + 0.5, color="grey", alpha=0.15,
+                         label="tables held still")
+        if learning:
+            pad = 0.15 * (max(learning) - min(learning)) + 0.002
+            ax_curve.set_ylim(min(learning) - pad, max(learning) + pad)
+    ax_curve.xaxis.get_major_locator().set_params(integer=True)
     ax_curve.set_xlabel("epoch")
     ax_curve.set_ylabel("validation AUC")
-    ax_curve.set_title("Training curves")
-    ax_curve.legend(fontsize=8)
+    ax_curve.set_title(curves_title)
+    ax_curve.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -89,7 +101,12 @@ def _summary(metrics: dict) -> list[str]:
 def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
     """Writes ``out_dir/report.md`` (and ``variant_auc.png``) from a metrics dict."""
     variants = metrics["variants"]
-    plot = plot_variant_auc(variants, out_dir / "variant_auc.png")
+    seeds = metrics.get("ranker_seeds") or []
+    plot = plot_variant_auc(
+        variants, out_dir / "variant_auc.png",
+        warmup_epochs=(metrics.get("ranker") or {}).get("table_warmup_epochs", 0),
+        curves_title=f"Training curves (seed {seeds[0]} of {len(seeds)})" if len(seeds) > 1
+        else "Training curves")
     ds = metrics["dataset"]
     split = ds.get("split", {})
     lines = [f"# {title}", ""]
