@@ -14,6 +14,12 @@ What the generator puts in, so that each part of mmtok has something to find:
   for one fixed direction ``d`` in latent space, the same for every user: a creative's
   quality is partly visible in its pixels and words, so content predicts clicks on an
   item no one has clicked yet.
+* **Appeal by sub-topic**: ``t_k ~ N(0, topic_appeal_std)`` for each sub-topic ``k``,
+  the same for every user and not a smooth function of ``z``: a category's click rate
+  (games draw more clicks than insurance) is a fact a model memorizes, not one it reads
+  off a direction in embedding space. An item's sub-topic shows in its content, so
+  content predicts ``t`` for a new item; a discrete ID for the sub-topic can learn it
+  as one number.
 * **Per-item effects only an ID can learn**: ``b_i ~ N(0, item_effect_std)``, not
   visible in the embedding.
 * **Position bias**: ``cat_position`` in 0..n_positions-1 lowers the logit by
@@ -55,6 +61,9 @@ class SyntheticWorldConfig:
     # Std of the per-item appeal that the content shows (0: content matters only
     # through user taste). Drawn from its own stream: 0 gives the world of before.
     content_appeal_std: float = 0.5
+    # Std of the per-sub-topic appeal (0: none). Drawn from its own stream: 0 gives the
+    # world of before bit for bit.
+    topic_appeal_std: float = 0.0
     position_bias: float = 0.35
     n_positions: int = 10
     # Logit offset; sets the base click rate (about 0.2 at -1.6).
@@ -83,6 +92,8 @@ class SyntheticWorld:
     item_effect: np.ndarray
     # (n_items,) the appeal the content shows (see content_appeal_std).
     content_appeal: np.ndarray
+    # (n_items,) the appeal of the item's sub-topic (see topic_appeal_std).
+    topic_appeal: np.ndarray
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         out_dir = Path(out_dir)
@@ -137,6 +148,9 @@ def generate_world(
     appeal = latent @ appeal_dir
     appeal = (cfg.content_appeal_std * (appeal - appeal.mean()) / max(appeal.std(), 1e-12)
               ).astype(f32)
+    sub_appeal = (cfg.topic_appeal_std
+                  * np.random.default_rng([cfg.seed, 2]).normal(size=n_sub)).astype(f32)
+    topic_appeal = sub_appeal[item_sub]
     popularity = rng.lognormal(mean=0.0, sigma=1.0, size=cfg.n_items).astype(f32)
     # Most items exist from the start; the rest launch over the time line (new ads).
     launch = np.where(
@@ -181,7 +195,7 @@ def generate_world(
         device = rng.integers(0, 3, size=n)
         logit = (cfg.base_logit
                  + cfg.taste_scale * np.einsum("nl,nl->n", taste[user], latent[item])
-                 + item_effect[item] + appeal[item]
+                 + item_effect[item] + appeal[item] + topic_appeal[item]
                  - cfg.position_bias * np.log1p(position)
                  + 0.1 * (device == 2))
         labels[start:stop] = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
@@ -218,4 +232,5 @@ def generate_world(
         latent=latent,
         item_effect=item_effect,
         content_appeal=appeal,
+        topic_appeal=topic_appeal,
     )

@@ -47,8 +47,11 @@ def cmd_data_movielens(args: argparse.Namespace) -> None:
 def cmd_data_synthetic(args: argparse.Namespace) -> None:
     from mmdata import SyntheticWorldConfig, generate_world
 
+    appeal = {name: value for name, value in (("content_appeal_std", args.content_appeal),
+                                              ("topic_appeal_std", args.topic_appeal))
+              if value is not None}
     config = SyntheticWorldConfig(n_items=args.items, n_users=args.users, n_events=args.events,
-                                  dim=args.dim, seed=args.seed)
+                                  dim=args.dim, seed=args.seed, **appeal)
     paths = generate_world(config, progress=not args.quiet).write(args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -195,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=5_000)
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=64, help="content embedding width")
+    p.add_argument("--content-appeal", type=float,
+                   help="std of the appeal that is a linear read of an item's content "
+                        "(default: SyntheticWorldConfig's)")
+    p.add_argument("--topic-appeal", type=float,
+                   help="std of the appeal each sub-topic has, a category's click rate "
+                        "(default: SyntheticWorldConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data_synthetic)

@@ -65,6 +65,23 @@ def test_synthetic_content_shows_part_of_an_items_appeal(small_world):
     assert np.array_equal(plain.events["item_id"].to_numpy(), small_world.events["item_id"].to_numpy())
 
 
+def test_synthetic_sub_topics_have_their_own_appeal(small_world):
+    """Sub-topic appeal is one number per sub-topic (a category's click rate), it moves
+    clicks, and leaving it at 0 leaves the world as it was."""
+    world = generate_world(replace(small_world.config, topic_appeal_std=0.8), progress=False)
+    by_sub = world.items.with_columns(pl.Series("t", world.topic_appeal)) \
+        .group_by("subcluster").agg(pl.col("t").std().alias("spread"), pl.col("t").first())
+    assert by_sub["spread"].fill_null(0.0).max() == 0.0
+    assert by_sub["t"].std() == pytest.approx(0.8, rel=0.35)
+    events = world.events.with_columns(
+        pl.Series("t", world.topic_appeal[world.events["item_id"].to_numpy()]))
+    assert (events.filter(pl.col("t") > 0.5)["label"].mean()
+            > events.filter(pl.col("t") < -0.5)["label"].mean() + 0.1)
+    assert not small_world.topic_appeal.any()
+    assert np.array_equal(world.events["item_id"].to_numpy(), small_world.events["item_id"].to_numpy())
+    assert np.array_equal(world.content_appeal, small_world.content_appeal)
+
+
 def test_synthetic_items_launch_over_time(small_world):
     first_seen = small_world.events.group_by("item_id").agg(pl.col("ts").min())
     launch = small_world.items.join(first_seen, on="item_id")
