@@ -55,8 +55,12 @@ class TrainJob:
     codebook_sizes: list[int] | None = None
     # Stream training events from parquet (bounded memory) instead of loading them.
     streaming: bool = True
-    # Row groups per shuffle buffer when streaming.
-    buffer_groups: int = 4
+    # Streams the training file is read as (global batch k = the k-th rows of each);
+    # torchrun's process count must divide it. Fixed by the job, so 1, 2 or 4 processes
+    # train on the same batches.
+    data_shards: int = 4
+    # Row groups (or slices of them) per stream's shuffle buffer when streaming.
+    buffer_groups: int = 1
     # Checkpoint every this many steps (0: at epoch ends only).
     checkpoint_every: int = 0
     ranker: RankerConfig = field(default_factory=RankerConfig)
@@ -183,7 +187,8 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     valid = features.encode(pl.read_parquet(split / "valid.parquet"), where="validation events")
     if job.streaming:
         source = ParquetBatches(split / "train.parquet", features, batch_size=job.ranker.batch_size,
-                                seed=job.ranker.seed, shard=shard, buffer_groups=job.buffer_groups)
+                                seed=job.ranker.seed, shard=shard, buffer_groups=job.buffer_groups,
+                                data_shards=job.data_shards)
     else:
         train = features.encode(train_scan.collect(), where="train events")
         source = InMemoryBatches(features, train, batch_size=job.ranker.batch_size,

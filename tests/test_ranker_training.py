@@ -67,12 +67,8 @@ def test_parquet_batches_shard_the_rows_and_replay_exactly(world_files):
                                  shard=Shard(r, 2), buffer_groups=2) for r in (0, 1)}
     n = batches[0].num_batches(0)
     assert n == batches[1].num_batches(0) > 0
-    seen = {}
-    for r, source in batches.items():
-        labels = [b[2] for b in source.batches(0)]
-        assert len(labels) == n and all(len(x) == 256 for x in labels)
-        users = torch.cat([b[1]["user_id"].values() for b in source.batches(0)])
-        seen[r] = users
+    for source in batches.values():
+        assert [len(b[2]) for b in source.batches(0)] == [256] * n
     # Resuming at step k yields exactly the batches k.. of an uninterrupted epoch.
     full = [b[1].values() for b in batches[0].batches(1, item_id_dropout=0.3)]
     tail = [b[1].values() for b in batches[0].batches(1, item_id_dropout=0.3, start=5)]
@@ -82,10 +78,42 @@ def test_parquet_batches_shard_the_rows_and_replay_exactly(world_files):
     first0 = next(batches[0].batches(0))[1].values()
     first1 = next(batches[0].batches(1))[1].values()
     assert not torch.equal(first0, first1)
-    # One process keeps (almost) every row: only partial batches per buffer are left out.
+    # One process keeps every row but a batch: the streams hold equal rows, and a
+    # stream's batches run on across its buffers.
     single = ParquetBatches(world_files["split"].train, features, batch_size=256, seed=3)
-    kept = single.num_batches(0) * 256
-    assert single.num_rows - kept < 256 * len(single._buffers(0, 0))
+    assert single.num_rows - single.num_batches(0) * 256 < 256 + 4 * 8
+
+
+def test_parquet_batches_do_not_depend_on_the_number_of_processes(world_files):
+    """Streamed, 1, 2 and 4 processes train on the same global batches and item-id drops,
+    each rank reading only its own streams of the file."""
+    path = world_files["split"].train
+    features = FeatureEncoder(pl.scan_parquet(path), ItemContent(np.arange(10_000)),
+                              use_codes=False, use_dense_content=False)
+
+    def global_batches(world_size: int, start: int = 0) -> list[tuple]:
+        sources = [ParquetBatches(path, features, batch_size=512, seed=5, buffer_groups=2,
+                                  shard=Shard(r, world_size)) for r in range(world_size)]
+        steps = zip(*(s.batches(2, item_id_dropout=0.3, start=start) for s in sources))
+        out = []
+        for parts in steps:
+            rows = [torch.stack([p[1]["user_id"].values(), p[1]["item_id"].values(), p[2]])
+                    for p in parts]
+            # Rank r holds streams r, r + N, ...: put each stream's 128 rows back in order.
+            chunks = {v: rows[r][:, k * 128:(k + 1) * 128]
+                      for r in range(world_size) for k, v in enumerate(range(r, 4, world_size))}
+            out.append(torch.cat([chunks[v] for v in range(4)], dim=1))
+        return out
+
+    one = global_batches(1)
+    assert len(one) > 10
+    dropped = sum(int((b[1] == 0).sum()) for b in one)  # OOV item row
+    assert 0.2 < dropped / (len(one) * 512) < 0.4
+    for world_size in (2, 4):
+        assert all(torch.equal(a, b) for a, b in zip(one, global_batches(world_size), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one[3:], global_batches(2, start=3), strict=True))
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        ParquetBatches(path, features, batch_size=512, seed=0, shard=Shard(0, 3))
 
 
 def test_a_file_of_one_row_group_still_feeds_every_rank(tmp_path, world_files):
@@ -96,9 +124,10 @@ def test_a_file_of_one_row_group_still_feeds_every_rank(tmp_path, world_files):
     sources = [ParquetBatches(one_group, features, batch_size=512, seed=0, shard=Shard(r, 2))
                for r in (0, 1)]
     n = sources[0].num_batches(0)
-    assert n == sources[1].num_batches(0) and n * 2 * 256 > 0.9 * sources[0].num_rows
+    assert n == sources[1].num_batches(0) and n * 2 * 256 > sources[0].num_rows - 512
     rows = [torch.cat([b[1]["user_id"].values() for b in s.batches(0)]) for s in sources]
     assert len(rows[0]) == len(rows[1]) == n * 256
+    assert len(sources[0]._piece_rows) == 4 * 8  # the one group is cut into pieces
     with pytest.raises(ValueError, match="no full batch"):
         ParquetBatches(one_group, features, batch_size=10**6, seed=0, shard=Shard(0, 2))
 
@@ -292,7 +321,8 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert main(["bench-ranking", "--events", str(world_files["events"]),
                  "--item-embeddings", str(world_files["item_embeddings"]), "--out", str(out),
                  "--variants", "no_content,dense,recon,ids,faiss_rq_ids", "--baselines", "faiss_rq",
-                 "--epochs", "2", "--quantizer-steps", "20", "--seeds", "0,1", "--quiet"]) == 0
+                 "--epochs", "2", "--quantizer-steps", "20", "--seeds", "0,1",
+                 "--scale-sizes", "16,64", "--levels", "3", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "faiss_rq_ids"}
     for m in metrics["variants"].values():
@@ -304,6 +334,7 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
     assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
     assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
+    assert metrics["quantizer"]["codebook_sizes"] == [16, 16, 16, 64, 64, 64]
     # A finished run's checkpoints (for --resume only) are gone; its model stays.
     assert not list(out.glob("variants/**/checkpoints"))
     assert len(list(out.glob("variants/*/seed-*/model/model.safetensors"))) == 10
@@ -329,3 +360,7 @@ def test_bench_ranking_bad_inputs_are_clear_errors(tmp_path, world_files, capsys
                  "--item-embeddings", str(world_files["item_embeddings"]),
                  "--out", str(tmp_path / "b2"), "--variants", "idz", "--quiet"]) == 2
     assert "unknown variants ['idz']" in capsys.readouterr().err
+    assert main(["bench-ranking", "--events", str(world_files["events"]),
+                 "--item-embeddings", str(world_files["item_embeddings"]),
+                 "--out", str(tmp_path / "b3"), "--levels", "0", "--quiet"]) == 2
+    assert "levels >= 1" in capsys.readouterr().err
