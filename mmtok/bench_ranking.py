@@ -45,7 +45,7 @@ def bench_variants(baselines: list[str]) -> dict[str, tuple[str, str | None]]:
 def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_dir: str | Path,
                       *, config: RankerConfig | None = None, variants: list[str] | None = None,
                       baselines: list[str] | None = None, scale_sizes: list[int] | None = None,
-                      quantizer_steps: int | None = None, nproc: int = 1, seed: int = 0,
+                      levels: int = 2, quantizer_steps: int | None = None, nproc: int = 1, seed: int = 0,
                       ranker_seeds: list[int] | None = None, streaming: bool = True,
                       progress: bool = True) -> dict:
     """Returns (and writes as ``metrics.json``) the report.
@@ -58,12 +58,15 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = config or RankerConfig(seed=seed)
+    scale_sizes = scale_sizes or [16, 64, 256]
     baselines = BASELINES if baselines is None else baselines
     table = bench_variants(baselines)
     variants = variants or list(table)
     unknown = [v for v in variants if v not in table]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(table)}")
+    # Built (not fitted) before any work, so a bad layout is refused at once.
+    quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=quantizer_steps)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -81,7 +84,6 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     embeddings_file = Path(embeddings_path)
     needed = {q for v in variants if (q := table[v][1])}
     t = time.perf_counter()
-    quantizers = build_quantizers(scale_sizes or [16, 64, 256], 2, seed=seed, steps=quantizer_steps)
     qmetrics, codes_files = {}, {}
     for name in [q for q in quantizers if q in needed]:
         q = quantizers[name]
@@ -109,6 +111,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     with mlflow.start_run(run_name=f"bench-ranking-{embeddings_file.stem}") as parent:
         mlflow.log_params({"events": str(events_path), "item_embeddings": str(embeddings_path),
                            "nproc": nproc, "seed": seed, "streaming": streaming,
+                           "scale_sizes": ",".join(map(str, scale_sizes)),
+                           "levels": levels,
                            "ranker_seeds": ",".join(map(str, ranker_seeds or [config.seed])),
                            **flat_params("ranker", asdict(config))})
         for name in tqdm(variants, desc="variants", disable=not progress, leave=False):

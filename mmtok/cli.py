@@ -147,6 +147,7 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
     config = replace(config, seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     run_bench_ranking(args.events, args.item_embeddings, args.out, config=config,
                       variants=args.variants, baselines=args.baselines,
+                      scale_sizes=args.scale_sizes, levels=args.levels,
                       quantizer_steps=args.quantizer_steps, nproc=args.nproc, seed=args.seed,
                       ranker_seeds=args.seeds, streaming=not args.in_memory,
                       progress=not args.quiet)
@@ -281,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b],
                    default=None, help="baseline quantizers for <name>_ids (default: all four)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--scale-sizes", type=_int_list, default=[16, 64, 256],
+                   help="codebook size of each scale (S, M, L, ...), the same for the baselines' bits")
+    p.add_argument("--levels", type=int, default=2,
+                   help="residual levels per scale (IDs per item = scales x levels)")
     p.add_argument("--quantizer-steps", type=int, default=None, help="mmtok training steps")
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes per variant")
     p.add_argument("--in-memory", action="store_true", help="load training events in memory")
