@@ -9,6 +9,7 @@ from ranker import (FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingM
                     run_variants, train_ranker)
 from ranker.data import InMemoryBatches
 from ranker.train import build_model, table_learning_rate, train_step
+from torchrec.models.dlrm import SparseArch
 
 
 def test_kjt_on_a_hand_drawn_batch():
@@ -230,6 +231,7 @@ def test_content_ids_are_summed_into_one_interaction_slot_and_start_silent():
     plain = RankingModel(names, [4, 5, 4, 4, 16, 4], 1,
                          RankerConfig(code_pooling="per_feature", code_init="uniform"))
     per_feature = plain.net.sparse_arch(kjt)  # (B, 6, D)
+    torch.testing.assert_close(per_feature, SparseArch.forward(plain.net.sparse_arch, kjt))
     for pooling, slots in [("summed", ["user_id", "item_id", "content"]),
                            ("per_scale", ["user_id", "item_id", "content_s", "content_m"])]:
         model = RankingModel(names, [4, 5, 4, 4, 16, 4], 1,
