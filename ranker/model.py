@@ -134,27 +134,11 @@ class SlotSparseArch(SparseArch):
         self._identity = self.num_slots == self.F
         self.register_buffer("slot_of_feature", torch.tensor(slot_of_feature, dtype=torch.int64),
                              persistent=False)
-        # The default layout (``code_pooling = "summed"``: content features last, into one
-        # slot) sums a slice, cheaper both ways than index_add_ and its gathering backward.
-        k = self.num_slots - 1
-        summed_tail = list(range(k)) + [k] * (self.F - k)
-        self._summed_tail = k if slot_of_feature == summed_tail and not self._identity else None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.embedding_bag_collection(features)  # KeyedTensor, values (B, F * D)
-        if pooled.keys() == self.sparse_feature_names:
-            # The values already hold the features side by side; TorchRec's SparseArch
-            # splits them per key and concatenates them again, both ways per step.
-            embedded = pooled.values().reshape(-1, self.F, self.D)  # (B, F, D)
-        else:
-            by_key = pooled.to_dict()
-            embedded = torch.cat([by_key[name] for name in self.sparse_feature_names],
-                                 dim=1).reshape(-1, self.F, self.D)
+        embedded = super().forward(features)  # (B, F, D)
         if self._identity:
             return embedded
-        if self._summed_tail is not None:  # one slot per id feature, then the content slot
-            k = self._summed_tail
-            return torch.cat([embedded[:, :k], embedded[:, k:].sum(dim=1, keepdim=True)], dim=1)
         slots = embedded.new_zeros(embedded.shape[0], self.num_slots, embedded.shape[2])
         return slots.index_add_(1, self.slot_of_feature, embedded)  # (B, S, D)
 
