@@ -214,7 +214,7 @@ class ParquetBatches:
         streams = [self._stream_rows(epoch, v, start) for v in self._streams]
         for step in range(start, self.num_batches(epoch)):
             rows = _take_rows([part for s in streams for part in next(s)])
-            yield self.features.batch(rows, torch.arange(len(rows)), drop_item_id=item_id_drops_at(
+            yield self.features.batch(rows, slice(None), drop_item_id=item_id_drops_at(
                 self.seed, epoch, step, self.batch_size, self._positions, item_id_dropout))
 
 

@@ -325,10 +325,11 @@ class FeatureEncoder:
             is_cold=torch.from_numpy(np.asarray(is_cold, dtype=bool)),
         )
 
-    def batch(self, events: EncodedEvents, index: torch.Tensor, *,
+    def batch(self, events: EncodedEvents, index: torch.Tensor | slice, *,
               drop_item_id: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
-        """Gathers rows ``index`` into ``(dense (B, Dd), kjt, labels (B,))``.
+        """Gathers rows ``index`` (or all rows, ``slice(None)``, without a copy) into
+        ``(dense (B, Dd), kjt, labels (B,))``.
         ``drop_item_id``: (B,) bool, examples whose item id becomes the OOV row."""
         sparse = events.sparse[index]  # (B, F_ids)
         if drop_item_id is not None:
@@ -343,6 +344,6 @@ class FeatureEncoder:
             dense_parts.append(self._vectors[content_row])
         dense = torch.cat(dense_parts, dim=1)
         if dense.shape[1] == 0:
-            dense = torch.zeros(len(index), 1)
+            dense = torch.zeros(len(sparse), 1)
         return dense, kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns]), \
             events.labels[index]
