@@ -5,6 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+# How a report names RankerConfig.code_pooling.
+CONTENT_FEATURES = {
+    "summed": "as one multi-hot feature (their embeddings summed into one interaction slot)",
+    "per_scale": "as one multi-hot feature per scale (one interaction slot each)",
+    "per_feature": "as one feature each (one interaction slot each)",
+}
+
 
 def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
@@ -125,9 +132,9 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
     if ranker:
         lines += [
             f"Ranker: {ranker['interaction'].upper()} over TorchRec tables of width "
-            f"{ranker['embedding_dim']}; content IDs as one feature each"
-            f"{' plus prefix n-grams' if ranker.get('prefix_ngrams') else ''}, interaction slots "
-            f"`{ranker.get('code_pooling', 'per_feature')}`, ID rows initialised "
+            f"{ranker['embedding_dim']}; content IDs"
+            f"{' plus prefix n-grams' if ranker.get('prefix_ngrams') else ''} "
+            f"{CONTENT_FEATURES[ranker.get('code_pooling', 'per_feature')]}, ID rows initialised "
             f"`{ranker.get('code_init', 'uniform')}`; global batch {ranker['batch_size']}, "
             f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
             f"(patience {ranker['patience']}), the tables held still for "

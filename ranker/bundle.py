@@ -32,7 +32,8 @@ from ranker.features import FeatureEncoder, ItemContent
 from ranker.model import RankerConfig, RankingModel
 
 BUNDLE_FORMAT = "mmtok-servable-model"
-BUNDLE_FORMAT_VERSION = 1
+# 2: content IDs as multi-hot bag features over stacked tables (one per interaction slot).
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST = "bundle.json"
 
 

@@ -1,12 +1,16 @@
 """From contract frames to model inputs: id vocabularies, item content tables, and
 ``KeyedJaggedTensor`` batches.
 
-Every sparse feature here has exactly one id per example, so a batch of B examples
-over F features is a KJT with F * B lengths of 1, values laid out feature-major::
+The id features (user, item, ``cat_*``) hold one id per example. The item's content IDs
+(its codes and their prefix n-grams) are grouped into bags: one multi-hot feature per
+interaction slot, over one table that stacks the rows of its IDs one after the other,
+so its sum pooling adds the IDs' embeddings exactly as separate tables summed into one
+slot would, with one lookup per bag instead of one per ID. A batch of B examples is a
+KJT laid out feature-major, each example's bag contiguous::
 
-    keys     user_id            item_id            code_s_0
-    values   [u0  u1  u2]       [i0  i1  i2]       [c0  c1  c2]
-    lengths  [1   1   1 ]       [1   1   1 ]       [1   1   1 ]
+    keys     user_id          item_id          content (code_s_0, code_s_1 + 17)
+    values   [u0  u1  u2]     [i0  i1  i2]     [a0 b0  a1 b1  a2 b2]
+    lengths  [1   1   1 ]     [1   1   1 ]     [2      2      2    ]
 """
 
 from __future__ import annotations
@@ -152,11 +156,40 @@ def prefix_ngram_codes(codes: np.ndarray, code_names: list[str], sizes: list[int
     return names, out_sizes, ngrams
 
 
-def kjt_from_columns(keys: list[str], columns: list[torch.Tensor]) -> KeyedJaggedTensor:
-    """One id per example per feature -> KJT. columns[f]: (B,) int64."""
-    batch = len(columns[0]) if columns else 0
-    values = torch.cat(columns) if columns else torch.empty(0, dtype=torch.int64)  # (F * B,)
-    lengths = torch.ones(len(keys) * batch, dtype=torch.int32)
+CODE_POOLINGS = ("per_feature", "per_scale", "summed")
+
+
+def content_bags(code_names: list[str], pooling: str) -> list[tuple[str, list[int]]]:
+    """``[(feature name, column indices)]``: which content-ID columns (``code_<scale>_<l>``,
+    ``ngram_<scale>_<l>``) share one multi-hot feature. ``summed``: all of them in one
+    ``content`` bag; ``per_scale``: one ``content_<scale>`` bag per scale; ``per_feature``:
+    each column a feature of its own.
+
+    >>> content_bags(["code_s_0", "code_s_1", "code_m_0", "ngram_s_1"], "per_scale")
+    [('content_s', [0, 1, 3]), ('content_m', [2])]
+    """
+    if pooling not in CODE_POOLINGS:
+        raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, got {pooling!r}")
+    bags: dict[str, list[int]] = {}
+    for j, name in enumerate(code_names):
+        if pooling == "per_feature":
+            bag = name
+        elif pooling == "summed":
+            bag = "content"
+        else:
+            bag = "content_" + name.split("_", 1)[1].rsplit("_", 1)[0]
+        bags.setdefault(bag, []).append(j)
+    return list(bags.items())
+
+
+def kjt_from_columns(keys: list[str], columns: list[torch.Tensor],
+                     ids_per_example: list[int] | None = None) -> KeyedJaggedTensor:
+    """Fixed-length features -> KJT. ``columns[f]``: (B * k_f,) int64, example-major,
+    where ``k_f = ids_per_example[f]`` (default 1: one id per example)."""
+    per = ids_per_example or [1] * len(keys)
+    batch = len(columns[0]) // per[0] if columns else 0
+    values = torch.cat(columns) if columns else torch.empty(0, dtype=torch.int64)
+    lengths = torch.tensor(per, dtype=torch.int32).repeat_interleave(batch)  # (F * B,)
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
 
 
@@ -172,6 +205,8 @@ class FeatureEncoder:
             (``ngram_<scale>_<level>`` = the tuple of that scale's codes up to the level),
             so a residual code is read together with the center it refines.
         use_dense_content: feed the item's content vector as dense input.
+        code_pooling: how the content IDs are grouped into features (``content_bags``):
+            ``summed`` (one bag, the default), ``per_scale`` or ``per_feature``.
         min_count: ids seen fewer times in training share the out-of-vocabulary row.
         min_code_items: a content-ID value (code or n-gram) shared by fewer distinct
             training items than this goes to its table's out-of-vocabulary row: such a
@@ -185,11 +220,12 @@ class FeatureEncoder:
         """The encoder a ``RankerConfig`` asks for (id counts, n-grams, code pruning)."""
         return cls(train, content, use_codes=use_codes, use_dense_content=use_dense_content,
                    min_count=config.min_id_count, prefix_ngrams=config.prefix_ngrams,
-                   min_code_items=config.min_code_items)
+                   min_code_items=config.min_code_items, code_pooling=config.code_pooling)
 
     def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,
                  use_dense_content: bool, min_count: int = 1, prefix_ngrams: bool = False,
-                 min_code_items: int = 1) -> None:
+                 min_code_items: int = 1, code_pooling: str = "summed") -> None:
+        content_bags([], code_pooling)  # a bad name fails here, before any work
         if use_codes and content.codes is None:
             raise ValueError("use_codes=True needs ItemContent.codes")
         if use_dense_content and content.vectors is None:
@@ -197,6 +233,7 @@ class FeatureEncoder:
         self.use_codes = use_codes
         self.use_dense_content = use_dense_content
         self.prefix_ngrams = prefix_ngrams
+        self.code_pooling = code_pooling
         # A LazyFrame (e.g. a parquet scan too big for memory) is read one column at a time.
         schema = train.collect_schema() if isinstance(train, pl.LazyFrame) else train.schema
         self.cat_names, self.dense_names = context_columns(schema)
@@ -238,15 +275,27 @@ class FeatureEncoder:
     def _set_content(self, content: ItemContent) -> None:
         self.content = content
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
-        self.code_names, self.code_sizes, codes = [], [], None
+        # The content IDs, one column each (codes, then n-grams), and their table sizes.
+        self.code_names, self.code_sizes = [], []
+        self.bag_names, self.bag_sizes, self._bag_lengths = [], [], []
+        self._codes = None  # (n, C) rows in the bags' stacked tables, bag by bag
         if self.use_codes:
             self.code_names, self.code_sizes, codes = self._content_codes(content)
             if self.code_vocabs:  # pruned: value -> row, rare values -> row 0
                 codes = np.stack([self.code_vocabs[name].rows(codes[:, j])
                                   for j, name in enumerate(self.code_names)], axis=1)
                 self.code_sizes = [self.code_vocabs[n].num_embeddings for n in self.code_names]
-        self.sparse_names = self.id_names + self.code_names
-        self._codes = torch.from_numpy(np.ascontiguousarray(codes)) if self.use_codes else None
+            bag_columns = []
+            for name, cols in content_bags(self.code_names, self.code_pooling):
+                sizes = np.array([self.code_sizes[j] for j in cols], dtype=np.int64)
+                offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each ID's rows
+                bag_columns.append(codes[:, cols] + offsets)
+                self.bag_names.append(name)
+                self.bag_sizes.append(int(sizes.sum()))
+                self._bag_lengths.append(len(cols))
+            self._codes = torch.from_numpy(np.ascontiguousarray(
+                np.concatenate(bag_columns, 1) if bag_columns else codes))
+        self.sparse_names = self.id_names + self.bag_names
         self._vectors = torch.from_numpy(content.vectors) if self.use_dense_content else None
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -254,7 +303,8 @@ class FeatureEncoder:
         (id vocabularies, dense-context standardization), for ``from_state``."""
         meta = {"cat_names": self.cat_names, "dense_names": self.dense_names,
                 "use_codes": self.use_codes, "use_dense_content": self.use_dense_content,
-                "prefix_ngrams": self.prefix_ngrams, "code_vocabs": list(self.code_vocabs)}
+                "prefix_ngrams": self.prefix_ngrams, "code_vocabs": list(self.code_vocabs),
+                "code_pooling": self.code_pooling}
         arrays = {f"vocab.{name}": vocab.ids for name, vocab in self.vocabs.items()}
         arrays |= {f"code_vocab.{name}": vocab.ids for name, vocab in self.code_vocabs.items()}
         if self.dense_names:
@@ -268,6 +318,7 @@ class FeatureEncoder:
         encoder = cls.__new__(cls)
         encoder.use_codes, encoder.use_dense_content = meta["use_codes"], meta["use_dense_content"]
         encoder.prefix_ngrams = bool(meta.get("prefix_ngrams", False))
+        encoder.code_pooling = meta["code_pooling"]
         encoder.cat_names, encoder.dense_names = list(meta["cat_names"]), list(meta["dense_names"])
         encoder.vocabs = {name: IdVocab(np.asarray(arrays[f"vocab.{name}"], dtype=np.int64))
                           for name in ["user_id", "item_id", *encoder.cat_names]}
@@ -291,7 +342,7 @@ class FeatureEncoder:
     def sparse_sizes(self) -> list[int]:
         """Embedding rows per sparse feature, in ``sparse_names`` order."""
         sizes = [v.num_embeddings for v in self.vocabs.values()]
-        return sizes + self.code_sizes
+        return sizes + self.bag_sizes
 
     @property
     def dense_in_features(self) -> int:
@@ -338,12 +389,17 @@ class FeatureEncoder:
         content_row = events.content_row[index]
         columns = list(sparse.T)
         if self._codes is not None:
-            columns += list(self._codes[content_row].T)  # (C, B)
+            codes = self._codes[content_row]  # (B, C), bag after bag
+            start = 0
+            for k in self._bag_lengths:
+                columns.append(codes[:, start:start + k].reshape(-1))  # (B * k,) example-major
+                start += k
         dense_parts = [events.dense_ctx[index]]
         if self._vectors is not None:
             dense_parts.append(self._vectors[content_row])
         dense = torch.cat(dense_parts, dim=1)
         if dense.shape[1] == 0:
             dense = torch.zeros(len(sparse), 1)
-        return dense, kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns]), \
-            events.labels[index]
+        kjt = kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns],
+                               [1] * len(self.id_names) + self._bag_lengths)
+        return dense, kjt, events.labels[index]

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import (DenseArch, InteractionArch, InteractionDCNArch, OverArch,
-                                  SparseArch, choose)
-from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ranker.features import CODE_POOLINGS
 
 
 @dataclass
@@ -52,16 +52,19 @@ class RankerConfig:
     # Also feed each scale's code prefixes (center, center+residual) as features. On
     # MovieLens with MmDict's cascade codes: ids AUC 0.7027 vs 0.6977 without (3 seeds).
     prefix_ngrams: bool = True
-    # How the item's content-ID features meet the other features in the interaction:
-    # "summed" (all of them summed into one content slot, as a residual quantizer sums
-    # its codewords into one vector), "per_scale" (one slot per scale) or "per_feature"
-    # (each code and n-gram its own slot). Every code keeps its own feature and table.
-    # MovieLens, 3 seeds, mean AUC ids / ids_dense: summed + zeros 0.7028 / 0.7042,
-    # per_feature + uniform 0.7031 / 0.7012; summed costs less per step (fewer pairs).
+    # How the item's content IDs (codes and n-grams) meet the other features in the
+    # interaction: "summed" (one multi-hot feature holding all of them, its embeddings
+    # summed into one content slot, as a residual quantizer sums its codewords into one
+    # vector), "per_scale" (one such feature per scale) or "per_feature" (each code and
+    # n-gram a feature and slot of its own). A multi-hot feature's table stacks its IDs'
+    # rows, so every ID value keeps rows of its own. MovieLens, 3 seeds, mean AUC ids /
+    # ids_dense: summed + zeros 0.7028 / 0.7042, per_feature + uniform 0.7031 / 0.7012;
+    # summed costs less per step (fewer pairs, fewer lookups).
     code_pooling: str = "summed"
     # Initial rows of the content-ID tables: "zeros" (a code says nothing until training
     # shows what it means; a row no training item reached, e.g. a cold item's fine code
-    # or n-gram, stays silent) or "uniform" (TorchRec's default, like the id tables).
+    # or n-gram, stays silent) or "uniform" (TorchRec's default for the table's size,
+    # like the id tables).
     code_init: str = "zeros"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
@@ -93,90 +96,17 @@ class RankerConfig:
                              f"got {self.code_pooling!r}")
 
 
-CODE_POOLINGS = ("per_feature", "per_scale", "summed")
-
 
 def is_content_feature(name: str) -> bool:
-    """``code_<scale>_<level>`` and ``ngram_<scale>_<level>``: the item's content IDs."""
-    return name.startswith(("code_", "ngram_"))
-
-
-def interaction_slots(sparse_names: list[str], code_pooling: str) -> tuple[list[str], list[int]]:
-    """``(slot_names, slot_of_feature)``: which interaction slot each sparse feature's
-    pooled embedding is summed into. Content features are ``code_<scale>_<level>`` and
-    ``ngram_<scale>_<level>``; every other feature keeps a slot of its own.
-
-    >>> interaction_slots(["user_id", "code_s_0", "code_s_1", "ngram_s_1", "code_m_0"], "per_scale")
-    (['user_id', 'content_s', 'content_m'], [0, 1, 1, 1, 2])
-    """
-    slots: list[str] = []
-    slot_of: list[int] = []
-    for name in sparse_names:
-        if is_content_feature(name) and code_pooling != "per_feature":
-            scale = name.split("_", 1)[1].rsplit("_", 1)[0]
-            slot = "content" if code_pooling == "summed" else f"content_{scale}"
-        else:
-            slot = name
-        if slot not in slots:
-            slots.append(slot)
-        slot_of.append(slots.index(slot))
-    return slots, slot_of
-
-
-class SlotSparseArch(SparseArch):
-    """TorchRec's ``SparseArch`` whose (B, F, D) output is summed into (B, S, D)
-    interaction slots (see ``interaction_slots``); one slot per feature is the plain arch."""
-
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection,
-                 slot_of_feature: list[int]) -> None:
-        super().__init__(embedding_bag_collection)
-        self.num_slots = max(slot_of_feature) + 1
-        self._identity = self.num_slots == self.F
-        self.register_buffer("slot_of_feature", torch.tensor(slot_of_feature, dtype=torch.int64),
-                             persistent=False)
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        embedded = super().forward(features)  # (B, F, D)
-        if self._identity:
-            return embedded
-        slots = embedded.new_zeros(embedded.shape[0], self.num_slots, embedded.shape[2])
-        return slots.index_add_(1, self.slot_of_feature, embedded)  # (B, S, D)
-
-
-class CtrNet(nn.Module):
-    """DLRM or DCN-v2 (TorchRec's ``DenseArch``, ``InteractionArch`` /
-    ``InteractionDCNArch``, ``OverArch``) over a ``SlotSparseArch``. With one slot per
-    feature it is ``torchrec.models.dlrm.DLRM`` / ``DLRM_DCN``, parameter for parameter."""
-
-    def __init__(self, ebc: EmbeddingBagCollection, slot_of_feature: list[int],
-                 dense_in_features: int, config: RankerConfig) -> None:
-        super().__init__()
-        dim = config.embedding_dim
-        self.sparse_arch = SlotSparseArch(ebc, slot_of_feature)
-        slots = self.sparse_arch.num_slots
-        self.dense_arch = DenseArch(in_features=dense_in_features,
-                                    layer_sizes=config.dense_arch)
-        if config.interaction == "dcn":
-            self.inter_arch = InteractionDCNArch(
-                num_sparse_features=slots,
-                crossnet=LowRankCrossNet(in_features=(slots + 1) * dim,
-                                         num_layers=config.dcn_layers,
-                                         low_rank=config.dcn_rank))
-            over_in = (slots + 1) * dim
-        else:
-            self.inter_arch = InteractionArch(num_sparse_features=slots)
-            over_in = dim + choose(slots, 2) + slots
-        self.over_arch = OverArch(in_features=over_in, layer_sizes=config.over_arch)
-
-    def forward(self, dense_features: torch.Tensor,
-                sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        interactions = self.inter_arch(dense_features=self.dense_arch(dense_features),
-                                       sparse_features=self.sparse_arch(sparse_features))
-        return self.over_arch(interactions)
+    """The item's content IDs: a bag (``content``, ``content_<scale>``) or one
+    ``code_<scale>_<level>`` / ``ngram_<scale>_<level>`` (see ``features.content_bags``)."""
+    return name == "content" or name.startswith(("content_", "code_", "ngram_"))
 
 
 class RankingModel(nn.Module):
-    """One embedding table per sparse feature, a DLRM-family network on top.
+    """One embedding table per sparse feature under TorchRec's ``DLRM`` (pairwise dot
+    interaction) or ``DLRM_DCN`` (DCN-v2 low-rank cross layers); each sparse feature is
+    one interaction slot.
 
     Args:
         sparse_names: feature names, one table each (``t_<name>``).
@@ -202,8 +132,11 @@ class RankingModel(nn.Module):
         ]
         # table_device "meta": tables with no storage, for DMP to shard and allocate.
         ebc = EmbeddingBagCollection(tables=tables, device=table_device)
-        self.slot_names, slot_of = interaction_slots(list(sparse_names), config.code_pooling)
-        self.net = CtrNet(ebc, slot_of, dense_in_features, config)
+        if config.interaction == "dcn":
+            self.net = DLRM_DCN(ebc, dense_in_features, config.dense_arch, config.over_arch,
+                                dcn_num_layers=config.dcn_layers, dcn_low_rank_dim=config.dcn_rank)
+        else:
+            self.net = DLRM(ebc, dense_in_features, config.dense_arch, config.over_arch)
         if config.code_init == "zeros":
             with torch.no_grad():
                 for name, table in ebc.embedding_bags.items():

@@ -9,7 +9,6 @@ from ranker import (FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingM
                     run_variants, train_ranker)
 from ranker.data import InMemoryBatches
 from ranker.train import build_model, table_learning_rate, train_step
-from torchrec.models.dlrm import SparseArch
 
 
 def test_kjt_on_a_hand_drawn_batch():
@@ -22,6 +21,11 @@ def test_kjt_on_a_hand_drawn_batch():
     assert kjt.lengths().tolist() == [1] * 9
     assert kjt["item_id"].values().tolist() == [1, 0, 2]
     assert kjt.stride() == 3
+    # a multi-hot feature: two ids per example, each example's ids contiguous
+    bags = kjt_from_columns(["item_id", "content"], [torch.tensor([1, 0]), torch.tensor([3, 20, 4, 21])],
+                            [1, 2])
+    assert bags.lengths().tolist() == [1, 1, 2, 2]
+    assert [t.tolist() for t in bags["content"].to_dense()] == [[3, 20], [4, 21]]
 
 
 def test_vocab_maps_unknown_and_rare_ids_to_the_shared_row():
@@ -48,7 +52,9 @@ def test_feature_encoder_batches_ids_codes_and_dense(small_world, world_split, w
     content = ItemContent(small_world.embeddings.item_ids, vectors=small_world.embeddings.vectors,
                           codes=codes, code_names=q.code_names, codebook_sizes=q.codebook_sizes)
     fe = FeatureEncoder(world_split.train, content, use_codes=True, use_dense_content=True)
-    assert fe.sparse_names == ["user_id", "item_id", "cat_position", "cat_device", *q.code_names]
+    # the item's six codes are one multi-hot feature over a table stacking their rows
+    assert fe.sparse_names == ["user_id", "item_id", "cat_position", "cat_device", "content"]
+    assert fe.sparse_sizes[-1] == sum(q.codebook_sizes)
     test = fe.encode(world_split.test)
     cold = test.is_cold.numpy()
     assert cold.any() and (test.sparse[torch.from_numpy(cold), 1] == 0).all()
@@ -56,7 +62,10 @@ def test_feature_encoder_batches_ids_codes_and_dense(small_world, world_split, w
     dense, kjt, labels = fe.batch(test, index)
     assert dense.shape == (5, 32) and labels.shape == (5,)
     item_ids = world_split.test["item_id"].to_numpy()[:5]
-    assert kjt["code_m_1"].values().tolist() == codes[item_ids, 3].tolist()
+    bag = kjt["content"]
+    assert bag.lengths().tolist() == [6] * 5
+    offsets = np.cumsum([0, *q.codebook_sizes[:-1]])
+    assert (bag.values().view(5, 6).numpy() - offsets).tolist() == codes[item_ids].tolist()
     torch.testing.assert_close(dense, torch.from_numpy(small_world.embeddings.vectors[item_ids]))
     train = fe.encode(world_split.train)
     drop = torch.arange(2000) % 3 == 0
@@ -191,7 +200,8 @@ def test_prefix_ngrams_read_a_residual_code_with_its_center():
                                                                   "code_m_1"], codebook_sizes=[4, 4, 8, 10])
     import polars as pl
     events = pl.DataFrame({"user_id": [1, 2, 3], "item_id": [0, 1, 2], "ts": [0, 1, 2], "label": [0, 1, 0]})
-    fe = FeatureEncoder(events, content, use_codes=True, use_dense_content=False, prefix_ngrams=True)
+    fe = FeatureEncoder(events, content, use_codes=True, use_dense_content=False, prefix_ngrams=True,
+                        code_pooling="per_feature")
     assert fe.sparse_names[-2:] == ["ngram_s_1", "ngram_m_1"] and fe.sparse_sizes[-2:] == [16, 80]
     _, kjt, _ = fe.batch(fe.encode(events), torch.tensor([2, 0]))
     assert kjt["ngram_s_1"].values().tolist() == [2, 6]
@@ -207,7 +217,7 @@ def test_content_id_values_few_training_items_share_go_to_the_oov_row():
     events = pl.DataFrame({"user_id": [1, 2, 3, 4], "item_id": [0, 1, 2, 3], "ts": [0, 1, 2, 3],
                            "label": [0, 1, 0, 1]})
     fe = FeatureEncoder(events, content, use_codes=True, use_dense_content=False,
-                        prefix_ngrams=True, min_code_items=2)
+                        prefix_ngrams=True, min_code_items=2, code_pooling="per_feature")
     # code_s_0: value 1 has 3 items (kept), value 0 one (pruned). code_s_1: 2 -> 3 items, 3 -> 1.
     # ngram_s_1: (1, 2) -> 2 items kept; (1, 3) and (0, 2) -> 1 item each, pruned.
     assert fe.sparse_sizes[-3:] == [2, 2, 2]
@@ -224,26 +234,46 @@ def test_content_id_values_few_training_items_share_go_to_the_oov_row():
     assert again.sparse_sizes == fe.sparse_sizes
 
 
-def test_content_ids_are_summed_into_one_interaction_slot_and_start_silent():
-    names = ["user_id", "item_id", "code_s_0", "code_s_1", "ngram_s_1", "code_m_0"]
-    kjt = kjt_from_columns(names, [torch.tensor([1, 2]), torch.tensor([0, 3]), torch.tensor([1, 0]),
-                                   torch.tensor([2, 2]), torch.tensor([5, 6]), torch.tensor([3, 1])])
-    plain = RankingModel(names, [4, 5, 4, 4, 16, 4], 1,
+def test_a_content_bag_pools_what_separate_code_tables_summed_would():
+    import polars as pl
+
+    #  code_s_0 code_s_1 code_m_0
+    codes = np.array([[1, 2, 5], [1, 3, 0], [0, 2, 7]])
+    content = ItemContent(np.arange(3), codes=codes, code_names=["code_s_0", "code_s_1", "code_m_0"],
+                          codebook_sizes=[4, 4, 8])
+    events = pl.DataFrame({"user_id": [1, 2, 3], "item_id": [0, 1, 2], "ts": [0, 1, 2], "label": [0, 1, 0]})
+
+    def encoder(pooling):
+        return FeatureEncoder(events, content, use_codes=True, use_dense_content=False,
+                              prefix_ngrams=True, code_pooling=pooling)
+
+    separate = encoder("per_feature")  # code_s_0 code_s_1 code_m_0 ngram_s_1: 4 tables
+    assert separate.sparse_names[2:] == ["code_s_0", "code_s_1", "code_m_0", "ngram_s_1"]
+    model = RankingModel(separate.sparse_names, separate.sparse_sizes, 1,
                          RankerConfig(code_pooling="per_feature", code_init="uniform"))
-    per_feature = plain.net.sparse_arch(kjt)  # (B, 6, D)
-    torch.testing.assert_close(per_feature, SparseArch.forward(plain.net.sparse_arch, kjt))
-    for pooling, slots in [("summed", ["user_id", "item_id", "content"]),
-                           ("per_scale", ["user_id", "item_id", "content_s", "content_m"])]:
-        model = RankingModel(names, [4, 5, 4, 4, 16, 4], 1,
-                             RankerConfig(code_pooling=pooling, code_init="uniform"))
-        tables = {k: v for k, v in plain.state_dict().items() if "embedding_bags" in k}
-        model.load_state_dict(tables, strict=False)  # the same tables; the MLPs differ in width
-        assert model.slot_names == slots
-        pooled = model.net.sparse_arch(kjt)
-        assert pooled.shape == (2, len(slots), 16)
-        torch.testing.assert_close(pooled[:, :2], per_feature[:, :2])
-        want = per_feature[:, 2:].sum(1) if pooling == "summed" else per_feature[:, 2:5].sum(1)
-        torch.testing.assert_close(pooled[:, 2], want)
-    silent = RankingModel(names, [4, 5, 4, 4, 16, 4], 1, RankerConfig())  # summed, zeros
+    index = torch.tensor([2, 0, 1])
+    pooled = model.net.sparse_arch(separate.batch(separate.encode(events), index)[1])  # (B, 6, D)
+    tables = {name: model.state_dict()[f"net.sparse_arch.embedding_bag_collection.embedding_bags."
+                                       f"t_{name}.weight"] for name in separate.sparse_names}
+    for pooling, bags in [("summed", {"content": ["code_s_0", "code_s_1", "code_m_0", "ngram_s_1"]}),
+                          ("per_scale", {"content_s": ["code_s_0", "code_s_1", "ngram_s_1"],
+                                         "content_m": ["code_m_0"]})]:
+        fe = encoder(pooling)
+        assert fe.sparse_names == ["user_id", "item_id", *bags]
+        bag_model = RankingModel(fe.sparse_names, fe.sparse_sizes, 1,
+                                 RankerConfig(code_pooling=pooling, code_init="uniform"))
+        stacked = {f"net.sparse_arch.embedding_bag_collection.embedding_bags.t_{bag}.weight":
+                   torch.cat([tables[name] for name in members]) for bag, members in bags.items()}
+        bag_model.load_state_dict(stacked, strict=False)  # the same rows, one table per bag
+        got = bag_model.net.sparse_arch(fe.batch(fe.encode(events), index)[1])
+        assert got.shape == (3, 2 + len(bags), 16)
+        for slot, members in enumerate(bags.values(), start=2):
+            cols = [separate.sparse_names.index(name) for name in members]
+            torch.testing.assert_close(got[:, slot], pooled[:, cols].sum(1))
+    fe = encoder("summed")
+    silent = RankingModel(fe.sparse_names, fe.sparse_sizes, 1, RankerConfig())  # zeros
+    kjt = fe.batch(fe.encode(events), index)[1]
     assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 2]) == 0
     assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 0]) > 0
+    with pytest.raises(ValueError, match="code_pooling must be one of"):
+        encoder("per_code")
