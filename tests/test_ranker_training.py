@@ -223,8 +223,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
 @pytest.mark.parametrize("streaming, tolerance", [(True, 0.01), (False, 0.001)])
 def test_two_process_gloo_run_matches_one_process(tmp_path, world_files, streaming, tolerance):
     """torchrun, 2 ranks, tables sharded by TorchRec's planner. Streamed, each rank reads
-    its own row groups (other batches than one process: data-order noise); in memory,
-    the two ranks split one process' global batches, so the runs differ only by
+    its own data streams; in memory, it takes its half of each global batch. Either way
+    the two ranks train on one process' global batches, so the runs differ only by
     floating-point reduction order. Two epochs: the table warm-up and one in which the
     tables learn (reduction-order drift compounds with every epoch of training: after a
     third, the MLP weights of 1 and 2 processes were 3% apart, their AUCs 0.001)."""
