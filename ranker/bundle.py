@@ -220,7 +220,8 @@ class ServableModel:
                 manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
             raise BundleError(f"{path}: format {manifest.get('format')!r} version "
                               f"{manifest.get('format_version')!r}, expected {BUNDLE_FORMAT!r} "
-                              f"version {BUNDLE_FORMAT_VERSION}")
+                              f"version {BUNDLE_FORMAT_VERSION} (a model saved by another mmtok "
+                              "version: train it again, or serve it with that version)")
         return manifest
 
     @classmethod
@@ -252,8 +253,7 @@ class ServableModel:
         if features.sparse_names != spec["sparse_names"]:
             raise BundleError(f"{directory / MANIFEST}: sparse_names {spec['sparse_names']} "
                               f"!= the tables' {features.sparse_names}")
-        # A model saved before the table warm-up existed was trained without one.
-        config = RankerConfig(**{"table_warmup_epochs": 0, **manifest["ranker"]})
+        config = RankerConfig(**manifest["ranker"])
         model = RankingModel(features.sparse_names, features.sparse_sizes,
                              features.dense_in_features, config)
         try:

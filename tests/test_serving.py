@@ -388,11 +388,11 @@ def test_bundle_round_trip_with_dense_content(world, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     with pytest.raises(BundleError, match="no bundle.json"):
         ServableModel.load(tmp_path)
-    # A bundle written before RankerConfig had a table warm-up (a 1-epoch model) loads.
+    # A bundle of format version 1 (one table per content ID) is refused, saying so.
     manifest = json.loads((tmp_path / "m" / "bundle.json").read_text())
-    del manifest["ranker"]["table_warmup_epochs"]
-    (tmp_path / "m" / "bundle.json").write_text(json.dumps(manifest))
-    assert ServableModel.load(tmp_path / "m").config.table_warmup_epochs == 0
+    (tmp_path / "m" / "bundle.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(BundleError, match="version 1, expected .* version 2 .* train it again"):
+        ServableModel.load(tmp_path / "m")
 
 
 # ------------------------------------------------------------------------ CLI
