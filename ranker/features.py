@@ -182,6 +182,22 @@ def content_bags(code_names: list[str], pooling: str) -> list[tuple[str, list[in
     return list(bags.items())
 
 
+def resolve_user_cross(spec: str, content: ItemContent | None) -> str | None:
+    """The content-ID column ``spec`` names (see ``FeatureEncoder``'s ``user_cross``), or
+    None for ``none``; ``content`` None means the model has no content IDs."""
+    if spec == "none":
+        return None
+    if content is None:
+        raise ValueError(f"user_cross={spec!r} needs the content IDs (use_codes=True)")
+    names, sizes = list(content.code_names), list(content.codebook_sizes)
+    if spec == "coarsest":
+        return names[int(np.argmin(sizes))]
+    if spec not in names:
+        raise ValueError(f"user_cross must be 'coarsest', 'none' or a content-ID column "
+                         f"({names}), got {spec!r}")
+    return spec
+
+
 def kjt_from_columns(keys: list[str], columns: list[torch.Tensor],
                      ids_per_example: list[int] | None = None) -> KeyedJaggedTensor:
     """Fixed-length features -> KJT. ``columns[f]``: (B * k_f,) int64, example-major,
@@ -207,6 +223,11 @@ class FeatureEncoder:
         use_dense_content: feed the item's content vector as dense input.
         code_pooling: how the content IDs are grouped into features (``content_bags``):
             ``summed`` (one bag, the default), ``per_scale`` or ``per_feature``.
+        user_cross: the content-ID column to cross with the user id: a column name (e.g.
+            ``code_s_0``), ``coarsest`` (the quantizer's column with the fewest values,
+            the first on ties) or ``none``. It becomes the feature ``user_x_<column>``
+            with one row per (user, value): a user's own click rate on a kind of content,
+            which a dot product of a user vector and a content vector only approximates.
         min_count: ids seen fewer times in training share the out-of-vocabulary row.
         min_code_items: a content-ID value (code or n-gram) shared by fewer distinct
             training items than this goes to its table's out-of-vocabulary row: such a
@@ -220,11 +241,13 @@ class FeatureEncoder:
         """The encoder a ``RankerConfig`` asks for (id counts, n-grams, code pruning)."""
         return cls(train, content, use_codes=use_codes, use_dense_content=use_dense_content,
                    min_count=config.min_id_count, prefix_ngrams=config.prefix_ngrams,
-                   min_code_items=config.min_code_items, code_pooling=config.code_pooling)
+                   min_code_items=config.min_code_items, code_pooling=config.code_pooling,
+                   user_cross=config.user_code_cross if use_codes else "none")
 
     def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,
                  use_dense_content: bool, min_count: int = 1, prefix_ngrams: bool = False,
-                 min_code_items: int = 1, code_pooling: str = "summed") -> None:
+                 min_code_items: int = 1, code_pooling: str = "summed",
+                 user_cross: str = "none") -> None:
         content_bags([], code_pooling)  # a bad name fails here, before any work
         if use_codes and content.codes is None:
             raise ValueError("use_codes=True needs ItemContent.codes")
@@ -234,6 +257,7 @@ class FeatureEncoder:
         self.use_dense_content = use_dense_content
         self.prefix_ngrams = prefix_ngrams
         self.code_pooling = code_pooling
+        self.user_cross = resolve_user_cross(user_cross, content if use_codes else None)
         # A LazyFrame (e.g. a parquet scan too big for memory) is read one column at a time.
         schema = train.collect_schema() if isinstance(train, pl.LazyFrame) else train.schema
         self.cat_names, self.dense_names = context_columns(schema)
@@ -295,7 +319,17 @@ class FeatureEncoder:
                 self._bag_lengths.append(len(cols))
             self._codes = torch.from_numpy(np.ascontiguousarray(
                 np.concatenate(bag_columns, 1) if bag_columns else codes))
-        self.sparse_names = self.id_names + self.bag_names
+        # The (user, content ID) cross: row = user row * values + value (hashed into
+        # NGRAM_BUCKETS rows past that).
+        self.cross_names, self.cross_sizes, self._cross_codes = [], [], None
+        if self.user_cross is not None:
+            j = self.code_names.index(self.user_cross)
+            self.cross_names = [f"user_x_{self.user_cross}"]
+            self.cross_sizes = [min(self.vocabs["user_id"].num_embeddings * self.code_sizes[j],
+                                    NGRAM_BUCKETS)]
+            self._cross_values = self.code_sizes[j]
+            self._cross_codes = torch.from_numpy(np.ascontiguousarray(codes[:, j]))
+        self.sparse_names = self.id_names + self.bag_names + self.cross_names
         self._vectors = torch.from_numpy(content.vectors) if self.use_dense_content else None
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -304,7 +338,7 @@ class FeatureEncoder:
         meta = {"cat_names": self.cat_names, "dense_names": self.dense_names,
                 "use_codes": self.use_codes, "use_dense_content": self.use_dense_content,
                 "prefix_ngrams": self.prefix_ngrams, "code_vocabs": list(self.code_vocabs),
-                "code_pooling": self.code_pooling}
+                "code_pooling": self.code_pooling, "user_cross": self.user_cross}
         arrays = {f"vocab.{name}": vocab.ids for name, vocab in self.vocabs.items()}
         arrays |= {f"code_vocab.{name}": vocab.ids for name, vocab in self.code_vocabs.items()}
         if self.dense_names:
@@ -319,6 +353,7 @@ class FeatureEncoder:
         encoder.use_codes, encoder.use_dense_content = meta["use_codes"], meta["use_dense_content"]
         encoder.prefix_ngrams = bool(meta.get("prefix_ngrams", False))
         encoder.code_pooling = meta["code_pooling"]
+        encoder.user_cross = meta["user_cross"]
         encoder.cat_names, encoder.dense_names = list(meta["cat_names"]), list(meta["dense_names"])
         encoder.vocabs = {name: IdVocab(np.asarray(arrays[f"vocab.{name}"], dtype=np.int64))
                           for name in ["user_id", "item_id", *encoder.cat_names]}
@@ -342,7 +377,7 @@ class FeatureEncoder:
     def sparse_sizes(self) -> list[int]:
         """Embedding rows per sparse feature, in ``sparse_names`` order."""
         sizes = [v.num_embeddings for v in self.vocabs.values()]
-        return sizes + self.bag_sizes
+        return sizes + self.bag_sizes + self.cross_sizes
 
     @property
     def dense_in_features(self) -> int:
@@ -394,6 +429,9 @@ class FeatureEncoder:
             for k in self._bag_lengths:
                 columns.append(codes[:, start:start + k].reshape(-1))  # (B * k,) example-major
                 start += k
+        if self._cross_codes is not None:  # column 0 is user_id
+            columns.append((sparse[:, 0] * self._cross_values + self._cross_codes[content_row])
+                           % NGRAM_BUCKETS)
         dense_parts = [events.dense_ctx[index]]
         if self._vectors is not None:
             dense_parts.append(self._vectors[content_row])
@@ -401,5 +439,6 @@ class FeatureEncoder:
         if dense.shape[1] == 0:
             dense = torch.zeros(len(sparse), 1)
         kjt = kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns],
-                               [1] * len(self.id_names) + self._bag_lengths)
+                               [1] * len(self.id_names) + self._bag_lengths
+                               + [1] * len(self.cross_names))
         return dense, kjt, events.labels[index]

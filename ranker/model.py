@@ -66,6 +66,14 @@ class RankerConfig:
     # or n-gram, stays silent) or "uniform" (TorchRec's default for the table's size,
     # like the id tables).
     code_init: str = "zeros"
+    # The content-ID column crossed with the user id in the ID variants: a feature
+    # user_x_<column> with a row per (user, value), zero-initialised like the content
+    # IDs: a user's own click rate on a kind of content, which the dot product of a
+    # user vector and a content vector only approximates. "coarsest" (the quantizer's
+    # column with the fewest values: MmDict's code_s_0, 16 values), a column name, or
+    # "none". Synthetic 1M, seeds 0-3, ids_dense AUC: code_s_0 0.6807, code_m_0 0.6739,
+    # none 0.6738 (8 seeds; dense 0.6738). MovieLens, 10 seeds: 0.7038 / 0.7048 / 0.7044.
+    user_code_cross: str = "coarsest"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     # A content-ID value (code or n-gram) that fewer distinct training items share goes
@@ -100,7 +108,7 @@ class RankerConfig:
 def is_content_feature(name: str) -> bool:
     """The item's content IDs: a bag (``content``, ``content_<scale>``) or one
     ``code_<scale>_<level>`` / ``ngram_<scale>_<level>`` (see ``features.content_bags``)."""
-    return name == "content" or name.startswith(("content_", "code_", "ngram_"))
+    return name == "content" or name.startswith(("content_", "code_", "ngram_", "user_x_"))
 
 
 class RankingModel(nn.Module):

@@ -277,3 +277,34 @@ def test_a_content_bag_pools_what_separate_code_tables_summed_would():
     assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 0]) > 0
     with pytest.raises(ValueError, match="code_pooling must be one of"):
         encoder("per_code")
+
+
+def test_the_user_is_crossed_with_the_coarsest_content_id():
+    import polars as pl
+
+    #  code_s_0 code_s_1 code_m_0
+    codes = np.array([[1, 2, 5], [1, 3, 0], [0, 2, 7]])
+    content = ItemContent(np.arange(3), codes=codes, code_names=["code_s_0", "code_s_1", "code_m_0"],
+                          codebook_sizes=[4, 4, 8])
+    events = pl.DataFrame({"user_id": [10, 20, 10], "item_id": [0, 1, 2], "ts": [0, 1, 2],
+                           "label": [0, 1, 0]})
+    fe = FeatureEncoder.from_config(events, content, RankerConfig(), use_codes=True,
+                                    use_dense_content=False)
+    assert fe.sparse_names == ["user_id", "item_id", "content", "user_x_code_s_0"]
+    assert fe.sparse_sizes[-1] == 3 * 4  # (2 users + the unknown-user row) x 4 values
+    stranger = pl.DataFrame({"user_id": [99], "item_id": [2], "ts": [3], "label": [0]})
+    scored = fe.encode(pl.concat([events, stranger]))
+    _, kjt, _ = fe.batch(scored, torch.arange(4))
+    # user rows 1, 2, 1 and 0 (unknown), times 4 values, plus the item's code_s_0
+    assert kjt["user_x_code_s_0"].values().tolist() == [1 * 4 + 1, 2 * 4 + 1, 1 * 4 + 0, 0 * 4 + 0]
+    again = FeatureEncoder.from_state(*fe.state(), content)
+    assert again.batch(scored, torch.arange(4))[1].values().tolist() == kjt.values().tolist()
+    named = FeatureEncoder(events, content, use_codes=True, use_dense_content=False,
+                           user_cross="code_m_0")
+    assert named.sparse_names[-1] == "user_x_code_m_0" and named.sparse_sizes[-1] == 3 * 8
+    assert FeatureEncoder.from_config(events, content, RankerConfig(), use_codes=False,
+                                      use_dense_content=False).sparse_names == ["user_id", "item_id"]
+    with pytest.raises(ValueError, match="user_cross must be"):
+        FeatureEncoder(events, content, use_codes=True, use_dense_content=False, user_cross="code_x")
+    with pytest.raises(ValueError, match="needs the content IDs"):
+        FeatureEncoder(events, content, use_codes=False, use_dense_content=False, user_cross="coarsest")
