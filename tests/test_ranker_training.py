@@ -253,9 +253,12 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, world_files, streami
     tables = [k for k in models[1] if "embedding_bags" in k]
     assert len(tables) >= 4 and all(models[1][k].shape == models[2][k].shape for k in models[1])
     if not streaming:  # the same batches: the same weights, up to reduction-order drift
+        # Measured (mean relative difference, the largest tensor): 0.6% without the user x
+        # content-ID cross, 1.5% with it (its per-user rows make training more sensitive);
+        # AUCs 0.00006 and 0.00008 apart.
         for key, one in models[1].items():
             drift = (models[2][key] - one).abs().mean() / one.abs().mean().clamp_min(1e-12)
-            assert drift < 0.01, (key, float(drift))
+            assert drift < 0.03, (key, float(drift))
 
 
 def test_sigkill_mid_epoch_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, world_files):
