@@ -1,0 +1,99 @@
+"""Where a training step's time goes: ``no_content`` against ``ids`` with and without the
+user × content-ID cross.
+
+Each arm trains on the same precomputed batches (the loader is out of the picture), one
+process and one thread; ``torch.profiler`` times every op, passes interleaved across the
+arms, and the table gives each op's self CPU time per step (median over passes), the
+ops that grow most from ``no_content`` to ``ids`` first, and the distinct table rows a
+batch touches (what fbgemm's exact-Adagrad backward pays for). Run (after
+``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
+
+    python benchmarks/profile_ranking_step.py --split runs/bench-ranking/synthetic-1m/split \\
+        --codes runs/bench-ranking/synthetic-1m/codes/mmtok.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from ranker import FeatureEncoder, RankerConfig
+from ranker.data import ParquetBatches
+from ranker.job import TrainJob, load_item_content
+from ranker.train import build_model
+
+ARMS = {"no_content": ("no_content", "none"), "ids_no_cross": ("ids", "none"),
+        "ids": ("ids", "coarsest")}
+
+
+def build_arm(split: Path, codes: Path, variant: str, cross: str, n_batches: int):
+    config = RankerConfig(user_code_cross=cross)
+    job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
+                   ranker=config)
+    features = FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
+                                          load_item_content(job), config,
+                                          use_codes=variant.startswith("ids"),
+                                          use_dense_content=False)
+    stream = ParquetBatches(split / "train.parquet", features, batch_size=config.batch_size,
+                            seed=0).batches(0, item_id_dropout=0.1)
+    batches = [next(stream) for _ in range(n_batches)]
+    model, sparse_opt, dense_opt = build_model(features, config)
+    rows = statistics.median(
+        sum(len(torch.unique(kjt[name].values())) for name in features.sparse_names)
+        for _, kjt, _ in batches)
+    return model, sparse_opt, dense_opt, batches, rows
+
+
+def run_steps(arm) -> None:
+    model, sparse_opt, dense_opt, batches, _ = arm
+    for dense, kjt, labels in batches:
+        loss = F.binary_cross_entropy_with_logits(model(dense, kjt), labels)
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", type=Path, required=True, help="directory with train.parquet")
+    parser.add_argument("--codes", type=Path, required=True, help="item codes parquet")
+    parser.add_argument("--batches", type=int, default=60, help="steps per pass")
+    parser.add_argument("--passes", type=int, default=3, help="profiled passes per arm")
+    parser.add_argument("--top", type=int, default=12, help="ops to list")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    arms = {name: build_arm(args.split, args.codes, variant, cross, args.batches)
+            for name, (variant, cross) in ARMS.items()}
+    for arm in arms.values():
+        run_steps(arm)  # warm-up
+    per_op: dict[str, dict[str, list[float]]] = {name: {} for name in arms}
+    for _ in range(args.passes):
+        for name, arm in arms.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run_steps(arm)
+            for event in prof.key_averages():
+                per_op[name].setdefault(event.key, []).append(
+                    event.self_cpu_time_total / args.batches)
+    median = {name: {op: statistics.median(v) for op, v in ops.items()}
+              for name, ops in per_op.items()}
+    ops = sorted(set().union(*median.values()),
+                 key=lambda op: median["no_content"].get(op, 0) - median["ids"].get(op, 0))
+    print(f"{'per step':48s}" + "".join(f"{name:>14s}" for name in arms))
+    print(f"{'distinct table rows a batch touches':48s}"
+          + "".join(f"{arm[4]:>14,.0f}" for arm in arms.values()))
+    for op in ops[:args.top]:
+        print(f"{op[:46]:48s}" + "".join(f"{median[n].get(op, 0.0):>11.0f} µs" for n in arms))
+    print(f"{'all ops':48s}"
+          + "".join(f"{sum(median[n].values()) / 1e3:>11.2f} ms" for n in arms))
+
+
+if __name__ == "__main__":
+    main()
