@@ -18,15 +18,13 @@ import argparse
 import statistics
 from pathlib import Path
 
-import polars as pl
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from ranker import FeatureEncoder, RankerConfig
+from ranker import RankerConfig
 from ranker.data import ParquetBatches
-from ranker.job import TrainJob, load_item_content
-from ranker.train import build_model
+from ranker.train import build_model, train_step
+from ranking_throughput import variant_features  # this folder's script, on sys.path
 
 ARMS = {"no_content": ("no_content", "none"), "ids_no_cross": ("ids", "none"),
         "ids": ("ids", "coarsest")}
@@ -34,12 +32,7 @@ ARMS = {"no_content": ("no_content", "none"), "ids_no_cross": ("ids", "none"),
 
 def build_arm(split: Path, codes: Path, variant: str, cross: str, n_batches: int):
     config = RankerConfig(user_code_cross=cross)
-    job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
-                   ranker=config)
-    features = FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
-                                          load_item_content(job), config,
-                                          use_codes=variant.startswith("ids"),
-                                          use_dense_content=False)
+    features = variant_features(split, codes, variant, config)
     stream = ParquetBatches(split / "train.parquet", features, batch_size=config.batch_size,
                             seed=0).batches(0, item_id_dropout=0.1)
     batches = [next(stream) for _ in range(n_batches)]
@@ -52,13 +45,8 @@ def build_arm(split: Path, codes: Path, variant: str, cross: str, n_batches: int
 
 def run_steps(arm) -> None:
     model, sparse_opt, dense_opt, batches, _ = arm
-    for dense, kjt, labels in batches:
-        loss = F.binary_cross_entropy_with_logits(model(dense, kjt), labels)
-        sparse_opt.zero_grad()
-        dense_opt.zero_grad()
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
+    for batch in batches:
+        train_step(model, sparse_opt, dense_opt, batch)
 
 
 def main() -> None:

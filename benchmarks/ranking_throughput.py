@@ -38,16 +38,21 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def variant_features(split: Path, codes: Path, variant: str,
+                     config: RankerConfig) -> FeatureEncoder:
+    """The feature encoder ``variant`` trains with (no dense content: ids variants only)."""
+    job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
+                   ranker=config)
+    return FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
+                                      load_item_content(job), config,
+                                      use_codes=variant.startswith("ids"), use_dense_content=False)
+
+
 class Bench:
     """One variant's loader and training step, each fed by its own stream of batches."""
 
     def __init__(self, split: Path, codes: Path, variant: str, config: RankerConfig) -> None:
-        job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
-                       ranker=config)
-        features = FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
-                                              load_item_content(job), config,
-                                              use_codes=variant.startswith("ids"),
-                                              use_dense_content=False)
+        features = variant_features(split, codes, variant, config)
         self.variant, self.features = variant, features
         self.source = ParquetBatches(split / "train.parquet", features,
                                      batch_size=config.batch_size, seed=0)
