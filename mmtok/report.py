@@ -105,6 +105,14 @@ def _summary(metrics: dict) -> list[str]:
     return ["## Summary", "", *out, ""] if out else []
 
 
+def _user_cross(column: str) -> str:
+    """The report's words for ``RankerConfig.user_code_cross``."""
+    if column == "none":
+        return ""
+    named = "the coarsest content ID" if column == "coarsest" else f"the content ID `{column}`"
+    return f", the user crossed with {named} (ID variants)"
+
+
 def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
     """Writes ``out_dir/report.md`` (and ``variant_auc.png``) from a metrics dict."""
     variants = metrics["variants"]
@@ -134,8 +142,8 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"Ranker: {ranker['interaction'].upper()} over TorchRec tables of width "
             f"{ranker['embedding_dim']}; content IDs"
             f"{' plus prefix n-grams' if ranker.get('prefix_ngrams') else ''} "
-            f"{CONTENT_FEATURES[ranker.get('code_pooling', 'per_feature')]}, the user crossed "
-            f"with the content ID `{ranker.get('user_code_cross', 'none')}`, ID rows initialised "
+            f"{CONTENT_FEATURES[ranker.get('code_pooling', 'per_feature')]}"
+            f"{_user_cross(ranker.get('user_code_cross', 'none'))}, ID rows initialised "
             f"`{ranker.get('code_init', 'uniform')}`; global batch {ranker['batch_size']}, "
             f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
             f"(patience {ranker['patience']}), the tables held still for "
