@@ -24,14 +24,14 @@ from torch.profiler import ProfilerActivity, profile
 from ranker import RankerConfig
 from ranker.data import ParquetBatches
 from ranker.train import build_model, train_step
-from ranking_throughput import variant_features  # this folder's script, on sys.path
+from ranking_throughput import parse_arm, variant_features  # this folder's script, on sys.path
 
-ARMS = {"no_content": ("no_content", "none"), "ids_no_cross": ("ids", "none"),
-        "ids": ("ids", "coarsest")}
+# Ops are listed by how much they grow from the first arm to the arm "ids" (or the last).
+ARMS = "no_content,ids:user_code_cross=none,ids"
 
 
-def build_arm(split: Path, codes: Path, variant: str, cross: str, n_batches: int):
-    config = RankerConfig(user_code_cross=cross)
+def build_arm(split: Path, codes: Path, arm: str, n_batches: int):
+    variant, config = parse_arm(arm, RankerConfig())
     features = variant_features(split, codes, variant, config)
     stream = ParquetBatches(split / "train.parquet", features, batch_size=config.batch_size,
                             seed=0).batches(0, item_id_dropout=0.1)
@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60, help="steps per pass")
     parser.add_argument("--passes", type=int, default=3, help="profiled passes per arm")
     parser.add_argument("--top", type=int, default=12, help="ops to list")
+    parser.add_argument("--arms", default=ARMS,
+                        help="comma-separated arms as in ranking_throughput.py's --variants")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    arms = {name: build_arm(args.split, args.codes, variant, cross, args.batches)
-            for name, (variant, cross) in ARMS.items()}
+    arms = {name: build_arm(args.split, args.codes, name, args.batches)
+            for name in args.arms.split(",")}
     for arm in arms.values():
         run_steps(arm)  # warm-up
     per_op: dict[str, dict[str, list[float]]] = {name: {} for name in arms}
@@ -72,9 +74,13 @@ def main() -> None:
                     event.self_cpu_time_total / args.batches)
     median = {name: {op: statistics.median(v) for op, v in ops.items()}
               for name, ops in per_op.items()}
+    names = list(arms)
+    target = "ids" if "ids" in arms else names[-1]
     ops = sorted(set().union(*median.values()),
-                 key=lambda op: median["no_content"].get(op, 0) - median["ids"].get(op, 0))
-    print(f"{'per step':48s}" + "".join(f"{name:>14s}" for name in arms))
+                 key=lambda op: median[names[0]].get(op, 0) - median[target].get(op, 0))
+    for i, name in enumerate(arms):
+        print(f"arm {i}: {name}")
+    print(f"{'per step':48s}" + "".join(f"{'arm ' + str(i):>14s}" for i in range(len(arms))))
     print(f"{'distinct table rows a batch touches':48s}"
           + "".join(f"{arm[4]:>14,.0f}" for arm in arms.values()))
     for op in ops[:args.top]:

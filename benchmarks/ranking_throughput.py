@@ -9,10 +9,14 @@ across variants in one process, so the ratios are comparable on a shared machine
 ids / no_content ratio is the median of the per-round ratios. Also prints peak RSS.
 
 The model is the default ``RankerConfig`` (prefix n-grams on) or the ``[ranker]`` table
-of ``--config``. Run (after ``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
+of ``--config``. A variant may carry its own settings for an A/B in one process:
+``ids:content_table_optimizer=adagrad`` is an arm of ``ids`` with that ``RankerConfig``
+field changed; every arm after ``no_content`` gets its paired ratio over it. Run (after
+``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
 
     python benchmarks/ranking_throughput.py --split runs/bench-ranking/synthetic-1m/split \
-        --codes runs/bench-ranking/synthetic-1m/codes/mmtok.parquet --out runs/throughput
+        --codes runs/bench-ranking/synthetic-1m/codes/mmtok.parquet --out runs/throughput \
+        [--variants no_content,ids,ids:content_table_optimizer=adagrad]
 """
 
 from __future__ import annotations
@@ -48,12 +52,28 @@ def variant_features(split: Path, codes: Path, variant: str,
                                       use_codes=variant.startswith("ids"), use_dense_content=False)
 
 
+def parse_arm(arm: str, config: RankerConfig) -> tuple[str, RankerConfig]:
+    """``"ids:field=value,..."`` -> ``("ids", config with those fields)``; values are
+    parsed as the field's type (int, float, bool or str)."""
+    variant, _, overrides = arm.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(RankerConfig)}
+    changes = {}
+    for item in filter(None, overrides.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"arm {arm!r}: {item!r} is not FIELD=VALUE of a RankerConfig field")
+        kind = type(getattr(config, key))
+        changes[key] = value.lower() == "true" if kind is bool else kind(value)
+    return variant, dataclasses.replace(config, **changes)
+
+
 class Bench:
     """One variant's loader and training step, each fed by its own stream of batches."""
 
-    def __init__(self, split: Path, codes: Path, variant: str, config: RankerConfig) -> None:
+    def __init__(self, split: Path, codes: Path, arm: str, config: RankerConfig) -> None:
+        variant, config = parse_arm(arm, config)
         features = variant_features(split, codes, variant, config)
-        self.variant, self.features = variant, features
+        self.variant, self.features = arm, features
         self.source = ParquetBatches(split / "train.parquet", features,
                                      batch_size=config.batch_size, seed=0)
         self.model, self.sparse_opt, self.dense_opt = build_model(features, config)
@@ -97,7 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", type=Path, required=True)
     parser.add_argument("--codes", type=Path, required=True)
-    parser.add_argument("--variants", default="no_content,ids")
+    parser.add_argument("--variants", default="no_content,ids",
+                        help="comma-separated arms: a variant, optionally with RankerConfig "
+                             "fields changed: ids:FIELD=VALUE;FIELD=VALUE")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None,
@@ -115,21 +137,24 @@ def main() -> None:
     torch.set_num_threads(config.num_threads)
     benches = [Bench(args.split, args.codes, v, config) for v in args.variants.split(",")]
     rows = measure(benches, steps=args.steps, repeats=args.repeats)
-    print(f"\n{'variant':<12} {'loader ex/s':>12} {'train ex/s':>12} {'loader/train':>13}")
+    width = max(12, *(len(r["variant"]) for r in rows))
+    print(f"\n{'variant':<{width}} {'loader ex/s':>12} {'train ex/s':>12} {'loader/train':>13}")
     for r in rows:
-        print(f"{r['variant']:<12} {r['loader_ex_per_s']:>12,.0f} {r['train_ex_per_s']:>12,.0f} "
+        print(f"{r['variant']:<{width}} {r['loader_ex_per_s']:>12,.0f} {r['train_ex_per_s']:>12,.0f} "
               f"{r['loader_ex_per_s'] / r['train_ex_per_s']:>12.1f}x")
     runs = {r["variant"]: r["train_runs"] for r in rows}
-    paired = None
-    if "no_content" in runs and "ids" in runs:
+    paired = {}
+    print()
+    for arm in (a for a in runs if a != "no_content" and "no_content" in runs):
         # One ratio per round, from windows taken seconds apart: a burst of load on a
         # shared machine moves both, so the paired ratios scatter less than the rates.
-        paired = sorted(i / n for i, n in zip(runs["ids"], runs["no_content"]))
-        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-        print(f"\nids / no_content training throughput: {statistics.median(paired):.2f} "
-              f"(median of {len(paired)} paired rounds; quartiles {q[0]:.2f}-{q[2]:.2f})")
+        ratios = sorted(i / n for i, n in zip(runs[arm], runs["no_content"]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        print(f"{arm} / no_content training throughput: {statistics.median(ratios):.2f} "
+              f"(median of {len(ratios)} paired rounds; quartiles {q[0]:.2f}-{q[2]:.2f})")
+        paired[arm] = ratios
     print(f"peak RSS {rss_mb():,.0f} MB")
-    (args.out / "throughput.json").write_text(json.dumps({"rows": rows, "ids_over_no_content": paired,
+    (args.out / "throughput.json").write_text(json.dumps({"rows": rows, "over_no_content": paired,
                                                           "peak_rss_mb": rss_mb()},
                                                          indent=2))
 

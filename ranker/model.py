@@ -12,6 +12,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ranker.features import CODE_POOLINGS
+from ranker.interaction import PairwiseDotInteraction
+
+# Fused table optimizers a RankerConfig can name (TorchRec maps each to an fbgemm kernel).
+TABLE_OPTIMIZERS = ("adagrad", "rowwise_adagrad")
 
 
 @dataclass
@@ -74,6 +78,9 @@ class RankerConfig:
     # "none". Synthetic 1M, seeds 0-3, ids_dense AUC: code_s_0 0.6807, code_m_0 0.6739,
     # none 0.6738 (8 seeds; dense 0.6738). MovieLens, 10 seeds: 0.7038 / 0.7048 / 0.7044.
     user_code_cross: str = "coarsest"
+    # The tables' fused optimizer: "adagrad" (one Adagrad sum per element, fbgemm's
+    # EXACT_ADAGRAD) or "rowwise_adagrad" (one sum per row, EXACT_ROWWISE_ADAGRAD).
+    table_optimizer: str = "adagrad"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     # A content-ID value (code or n-gram) that fewer distinct training items share goes
@@ -99,6 +106,9 @@ class RankerConfig:
             raise ValueError(f"table_warmup_epochs must be in [0, epochs={self.epochs}), got "
                              f"{self.table_warmup_epochs}: the tables would never learn (raise "
                              f"epochs, or set table_warmup_epochs = 0 in the [ranker] table)")
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, "
+                             f"got {self.table_optimizer!r}")
         if self.code_pooling not in CODE_POOLINGS:
             raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "
                              f"got {self.code_pooling!r}")
@@ -145,6 +155,8 @@ class RankingModel(nn.Module):
                                 dcn_num_layers=config.dcn_layers, dcn_low_rank_dim=config.dcn_rank)
         else:
             self.net = DLRM(ebc, dense_in_features, config.dense_arch, config.over_arch)
+            # The same pairs in the same order, without the per-example bmm.
+            self.net.inter_arch = PairwiseDotInteraction(len(sparse_names))
         if config.code_init == "zeros":
             with torch.no_grad():
                 for name, table in ebc.embedding_bags.items():

@@ -55,13 +55,15 @@ def build_model(features: FeatureEncoder, config: RankerConfig
                 ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
     """``(model, sparse_optimizer, dense_optimizer)``: the ``RankingModel`` wrapped in
     ``DistributedModelParallel`` with a plan from TorchRec's planner (gloo on CPU, nccl
-    on GPU). Table updates run fused into the backward pass (exact Adagrad on the rows
-    a batch touched); the MLPs are data-parallel under Adam."""
+    on GPU). Table updates run fused into the backward pass on the rows a batch touched
+    (``config.table_optimizer``: exact or row-wise Adagrad); the MLPs are data-parallel
+    under Adam."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     ensure_process_group()
@@ -75,8 +77,12 @@ def build_model(features: FeatureEncoder, config: RankerConfig
                          features.dense_in_features, config, table_device=torch.device("meta"))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
-    apply_optimizer_in_backward(torch.optim.Adagrad, model.sparse_parameters(),
-                                {"lr": config.lr_sparse})
+    # One optimizer for every table: tables with different fused parameters would be
+    # grouped into separate fbgemm kernels, and a second kernel costs more per step than
+    # the row-wise update saves (measured: benchmarks/README.md).
+    optimizer_class = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
+    apply_optimizer_in_backward(optimizer_class[config.table_optimizer],
+                                model.sparse_parameters(), {"lr": config.lr_sparse})
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     # Every table table-wise with the fused kernel: the planner would make small tables
     # data-parallel, and those do not take the fused in-backward Adagrad step.

@@ -112,14 +112,17 @@ def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
     assert one and all(torch.equal(one[k], frozen[k]) for k in one)
 
 
-def test_table_warmup_holds_the_tables_but_gathers_their_adagrad_sums(world_split):
+@pytest.mark.parametrize("table_optimizer", ["adagrad", "rowwise_adagrad"])
+def test_table_warmup_holds_the_tables_but_gathers_their_adagrad_sums(world_split,
+                                                                     table_optimizer):
     """In the warm-up epoch the MLPs learn and the tables keep their initial rows, while
     the fused Adagrad still sums the squared gradients of the rows a batch touched (so
-    the tables' first real steps are scaled by what the warm-up saw)."""
+    the tables' first real steps are scaled by what the warm-up saw); row-wise Adagrad
+    keeps one sum per row, exact Adagrad one per element."""
     fe = FeatureEncoder(world_split.train, ItemContent(np.arange(10_000)), use_codes=False,
                         use_dense_content=False)
     train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
-    cfg = RankerConfig(epochs=3, table_warmup_epochs=1)
+    cfg = RankerConfig(epochs=3, table_warmup_epochs=1, table_optimizer=table_optimizer)
     model, sparse_opt, dense_opt = build_model(fe, cfg)
     initial = {k: v.local_shards()[0].tensor.clone() for k, v in model.state_dict().items()
                if "embedding_bags" in k}
@@ -137,9 +140,13 @@ def test_table_warmup_holds_the_tables_but_gathers_their_adagrad_sums(world_spli
     sums = [s.local_shards()[0].tensor for state in sparse_opt.state_dict()["state"].values()
             for s in state.values() if hasattr(s, "local_shards")]
     assert sums and all(float(s.max()) > 0 for s in sums)
+    per_row = table_optimizer == "rowwise_adagrad"
+    assert all(s.dim() == (1 if per_row else 2) for s in sums)
     assert table_learning_rate(cfg, 1) == cfg.lr_sparse
     with pytest.raises(ValueError, match="table_warmup_epochs"):
         RankerConfig(epochs=1, table_warmup_epochs=1)
+    with pytest.raises(ValueError, match="table_optimizer must be one of"):
+        RankerConfig(table_optimizer="sgd")
 
 
 def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes):
@@ -158,6 +165,32 @@ def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes
         gaps.append(results["ids"]["auc_cold"] - results["no_content"]["auc_cold"])
         assert results["ids"]["rows_cold"] == results["no_content"]["rows_cold"] > 500
     assert np.mean(gaps) > 0.02, gaps
+
+
+@pytest.mark.parametrize("batch,num_sparse", [(0, 3), (1, 1), (7, 6), (513, 5)])
+def test_pairwise_dot_interaction_matches_torchrec_forward_and_gradients(batch, num_sparse):
+    from torchrec.models.dlrm import InteractionArch
+
+    from ranker.interaction import PairwiseDotInteraction
+
+    gen = torch.Generator().manual_seed(batch + num_sparse)
+    dense = torch.randn(batch, 16, generator=gen, dtype=torch.float64)
+    sparse = torch.randn(batch, num_sparse, 16, generator=gen, dtype=torch.float64)
+    outs, grads = [], []
+    for arch in (InteractionArch(num_sparse), PairwiseDotInteraction(num_sparse)):
+        d, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
+        out = arch(d, s)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                              dtype=torch.float64)
+        (out * weights).sum().backward()
+        outs.append(out.detach())
+        grads.append((d.grad, s.grad))
+    assert outs[1].shape == (batch, 16 + (num_sparse + 1) * num_sparse // 2)
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    # The model's DLRM uses it; its output still has TorchRec's layout.
+    model = RankingModel(["user_id", "item_id"], [5, 7], 3, RankerConfig())
+    assert isinstance(model.net.inter_arch, PairwiseDotInteraction)
 
 
 def test_dcn_interaction_builds_and_scores():
