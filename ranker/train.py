@@ -77,9 +77,9 @@ def build_model(features: FeatureEncoder, config: RankerConfig
                          features.dense_in_features, config, table_device=torch.device("meta"))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
-    # One optimizer for every table: tables with different fused parameters would be
-    # grouped into separate fbgemm kernels, and a second kernel costs more per step than
-    # the row-wise update saves (measured: benchmarks/README.md).
+    # One optimizer for every table: tables with different fused parameters go into
+    # separate fbgemm kernels, and in a profile a second kernel (row-wise for the content
+    # tables only) cost more per step than the row-wise update saved.
     optimizer_class = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
     apply_optimizer_in_backward(optimizer_class[config.table_optimizer],
                                 model.sparse_parameters(), {"lr": config.lr_sparse})

@@ -167,32 +167,6 @@ def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes
     assert np.mean(gaps) > 0.02, gaps
 
 
-@pytest.mark.parametrize("batch,num_sparse", [(0, 3), (1, 1), (7, 6), (513, 5)])
-def test_pairwise_dot_interaction_matches_torchrec_forward_and_gradients(batch, num_sparse):
-    from torchrec.models.dlrm import InteractionArch
-
-    from ranker.interaction import PairwiseDotInteraction
-
-    gen = torch.Generator().manual_seed(batch + num_sparse)
-    dense = torch.randn(batch, 16, generator=gen, dtype=torch.float64)
-    sparse = torch.randn(batch, num_sparse, 16, generator=gen, dtype=torch.float64)
-    outs, grads = [], []
-    for arch in (InteractionArch(num_sparse), PairwiseDotInteraction(num_sparse)):
-        d, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
-        out = arch(d, s)
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                              dtype=torch.float64)
-        (out * weights).sum().backward()
-        outs.append(out.detach())
-        grads.append((d.grad, s.grad))
-    assert outs[1].shape == (batch, 16 + (num_sparse + 1) * num_sparse // 2)
-    torch.testing.assert_close(outs[1], outs[0])
-    torch.testing.assert_close(grads[1], grads[0])
-    # The model's DLRM uses it; its output still has TorchRec's layout.
-    model = RankingModel(["user_id", "item_id"], [5, 7], 3, RankerConfig())
-    assert isinstance(model.net.inter_arch, PairwiseDotInteraction)
-
-
 def test_dcn_interaction_builds_and_scores():
     model = RankingModel(["user_id", "item_id"], [5, 7], 3,
                          RankerConfig(interaction="dcn", dense_arch=[8, 16]))
