@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+# How a report names RankerConfig.table_optimizer.
+TABLE_OPTIMIZERS = {"adagrad": "exact Adagrad (a sum per element)",
+                    "rowwise_adagrad": "row-wise Adagrad (a sum per row)"}
 # How a report names RankerConfig.code_pooling.
 CONTENT_FEATURES = {
     "summed": "as one multi-hot feature (their embeddings summed into one interaction slot)",
@@ -144,7 +147,9 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"{' plus prefix n-grams' if ranker.get('prefix_ngrams') else ''} "
             f"{CONTENT_FEATURES[ranker.get('code_pooling', 'per_feature')]}"
             f"{_user_cross(ranker.get('user_code_cross', 'none'))}, ID rows initialised "
-            f"`{ranker.get('code_init', 'uniform')}`; global batch {ranker['batch_size']}, "
+            f"`{ranker.get('code_init', 'uniform')}`, tables updated by "
+            f"{TABLE_OPTIMIZERS[ranker.get('table_optimizer', 'adagrad')]}; "
+            f"global batch {ranker['batch_size']}, "
             f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
             f"(patience {ranker['patience']}), the tables held still for "
             f"{_epochs(ranker.get('table_warmup_epochs', 0))} while the MLPs warm up; "

@@ -343,6 +343,7 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert len(list(out.glob("variants/*/seed-*/model/model.safetensors"))) == 10
     report = (out / "report.md").read_text()
     assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
+    assert "tables updated by row-wise Adagrad" in report  # the ranker config is named
     assert (out / "variant_auc.png").stat().st_size > 10_000
     # The split follows the protocol and the codes follow the contract.
     assert metrics["dataset"]["split"]["test"]["cold_rows"] > 0
