@@ -10,13 +10,13 @@ ids / no_content ratio is the median of the per-round ratios. Also prints peak R
 
 The model is the default ``RankerConfig`` (prefix n-grams on) or the ``[ranker]`` table
 of ``--config``. A variant may carry its own settings for an A/B in one process:
-``ids:content_table_optimizer=adagrad`` is an arm of ``ids`` with that ``RankerConfig``
+``ids:table_optimizer=adagrad`` is an arm of ``ids`` with that ``RankerConfig``
 field changed; every arm after ``no_content`` gets its paired ratio over it. Run (after
 ``mmtok bench-ranking`` wrote SPLIT/ and CODES)::
 
     python benchmarks/ranking_throughput.py --split runs/bench-ranking/synthetic-1m/split \
         --codes runs/bench-ranking/synthetic-1m/codes/mmtok.parquet --out runs/throughput \
-        [--variants no_content,ids,ids:content_table_optimizer=adagrad]
+        [--variants no_content,ids,ids:table_optimizer=adagrad]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def variant_features(split: Path, codes: Path, variant: str,
 
 
 def parse_arm(arm: str, config: RankerConfig) -> tuple[str, RankerConfig]:
-    """``"ids:field=value,..."`` -> ``("ids", config with those fields)``; values are
+    """``"ids:field=value;field=value"`` -> ``("ids", config with those fields)``; values are
     parsed as the field's type (int, float, bool or str)."""
     variant, _, overrides = arm.partition(":")
     fields = {f.name: f for f in dataclasses.fields(RankerConfig)}
