@@ -274,7 +274,7 @@ def test_reload_under_traffic(world, served, tmp_path):
     offline = {m.model_version: m for m in (v1, v2)}
     errors, seen, stop = [], [], threading.Event()
 
-    def client():
+    def client(k: int):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = RankingServiceStub(channel)
             for _ in range(2000):  # bounded; the test stops it much earlier
@@ -282,11 +282,11 @@ def test_reload_under_traffic(world, served, tmp_path):
                     return
                 try:
                     reply = stub.Score(request, timeout=10)
-                    seen.append((reply.model_version, np.array(reply.scores)))
+                    seen.append((reply.model_version, np.array(reply.scores), k))
                 except grpc.RpcError as exc:
                     errors.append(exc.code())
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
     try:
@@ -307,17 +307,24 @@ def test_reload_under_traffic(world, served, tmp_path):
             fh.write(b"\0\0\0\0")
         _publish(link, broken)
         assert srv.slot.reload() is False and srv.slot.failed_reloads >= 1
+        assert srv.slot.current.model_version == v2.model_version
     finally:
         stop.set()
         for t in threads:
             t.join()
         srv.stop(grace_s=1)
     assert errors == []
-    versions = [v for v, _ in seen]
-    assert versions[0] == v1.model_version and versions[-1] == v2.model_version
-    switch = versions.index(v2.model_version)
-    assert set(versions[switch:]) == {v2.model_version}  # no flapping back
-    for version, scores in seen[:: max(1, len(seen) // 10)] + seen[-1:]:
+    versions = [v for v, _, _ in seen]
+    assert versions[0] == v1.model_version and set(versions) == {v1.model_version, v2.model_version}
+    # No flapping back: each client's calls are sequential, so once one of them is answered
+    # by v2 none of its later calls may be answered by v1. (Across clients the order of
+    # appends is not the order of serving: a call served by v1 can return after another
+    # client's v2 answer.)
+    for k in range(3):
+        own = [v for v, _, client_k in seen if client_k == k]
+        if v2.model_version in own:
+            assert set(own[own.index(v2.model_version):]) == {v2.model_version}, k
+    for version, scores, _ in seen[:: max(1, len(seen) // 10)] + seen[-1:]:
         m = offline[version]
         expected = m.score_candidates(request_events(items), world["x"][items[items >= N_KNOWN]])
         np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
