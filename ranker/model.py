@@ -81,8 +81,8 @@ class RankerConfig:
     # EXACT_ROWWISE_ADAGRAD, as production DLRMs train their tables) or "adagrad" (one
     # sum per element, EXACT_ADAGRAD). The update's cost goes with the distinct rows a
     # batch touches, and the content IDs and the user x content-ID cross touch 3.4x the
-    # rows of no_content's tables: ids / no_content training throughput 0.86-0.87
-    # row-wise against 0.75-0.82 exact (three alternating runs each). Test AUC, same
+    # rows of no_content's tables: ids / no_content training throughput 0.85-0.88
+    # row-wise against 0.75-0.82 exact (six alternating pairs of runs). Test AUC, same
     # splits and codes, no_content / dense / ids / ids_dense: MovieLens (5 seeds)
     # row-wise 0.6960 / 0.7024 / 0.6990 / 0.7037, exact 0.6930 / 0.7015 / 0.6993 /
     # 0.7034; synthetic 1M (3 seeds) 0.6629 / 0.6733 / 0.6788 / 0.6804 against
