@@ -56,7 +56,7 @@ def parse_arm(arm: str, config: RankerConfig) -> tuple[str, RankerConfig]:
     """``"ids:field=value;field=value"`` -> ``("ids", config with those fields)``; values are
     parsed as the field's type (int, float, bool or str)."""
     variant, _, overrides = arm.partition(":")
-    fields = {f.name: f for f in dataclasses.fields(RankerConfig)}
+    fields = {f.name for f in dataclasses.fields(RankerConfig)}
     changes = {}
     for item in filter(None, overrides.split(";")):
         key, sep, value = item.partition("=")

@@ -23,6 +23,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from ranker import lift_lost
 from ranker.job import TrainJob, run_train_job
 from ranking_throughput import parse_arm  # this folder's script, on sys.path
 
@@ -68,7 +69,7 @@ def main() -> None:
     if "dense" in variants:
         for v, name in (("ids", "lift_lost"), ("recon", "lift_lost_recon")):
             if v in variants:
-                print(f"{name}: {(mean('dense') - mean(v)) / (mean('dense') - 0.5):+.2%}")
+                print(f"{name}: {lift_lost(mean('dense'), mean(v)):+.2%}")
         if "ids_dense" in variants:
             print("ids_dense - dense per seed:", ", ".join(
                 f"{runs[f'ids_dense/{s}']['auc'] - runs[f'dense/{s}']['auc']:+.4f}" for s in seeds))

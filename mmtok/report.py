@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 # How a report names RankerConfig.table_optimizer.
-TABLE_OPTIMIZERS = {"adagrad": "exact Adagrad (a sum per element)",
+TABLE_OPTIMIZER_NAMES = {"adagrad": "exact Adagrad (a sum per element)",
                     "rowwise_adagrad": "row-wise Adagrad (a sum per row)"}
 # How a report names RankerConfig.code_pooling.
 CONTENT_FEATURES = {
@@ -148,7 +148,7 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"{CONTENT_FEATURES[ranker.get('code_pooling', 'per_feature')]}"
             f"{_user_cross(ranker.get('user_code_cross', 'none'))}, ID rows initialised "
             f"`{ranker.get('code_init', 'uniform')}`, tables updated by "
-            f"{TABLE_OPTIMIZERS[ranker.get('table_optimizer', 'adagrad')]}; "
+            f"{TABLE_OPTIMIZER_NAMES[ranker.get('table_optimizer', 'adagrad')]}; "
             f"global batch {ranker['batch_size']}, "
             f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
             f"(patience {ranker['patience']}), the tables held still for "

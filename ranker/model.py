@@ -9,12 +9,14 @@ from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ranker.features import CODE_POOLINGS
 
-# Fused table optimizers a RankerConfig can name (TorchRec maps each to an fbgemm kernel).
-TABLE_OPTIMIZERS = ("adagrad", "rowwise_adagrad")
+# The fused table optimizers a RankerConfig can name; TorchRec maps each class to an fbgemm
+# kernel (EXACT_ADAGRAD, EXACT_ROWWISE_ADAGRAD).
+TABLE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
 
 
 @dataclass
@@ -114,7 +116,7 @@ class RankerConfig:
                              f"{self.table_warmup_epochs}: the tables would never learn (raise "
                              f"epochs, or set table_warmup_epochs = 0 in the [ranker] table)")
         if self.table_optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, "
+            raise ValueError(f"table_optimizer must be one of {list(TABLE_OPTIMIZERS)}, "
                              f"got {self.table_optimizer!r}")
         if self.code_pooling not in CODE_POOLINGS:
             raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "

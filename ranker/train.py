@@ -21,7 +21,7 @@ from ranker.checkpoint import (CheckpointError, ShardedTensor, copy_into, flatte
 from ranker.data import InMemoryBatches, ParquetBatches, Shard
 from ranker.features import EncodedEvents, FeatureEncoder
 from ranker.metrics import auc, ranking_metrics
-from ranker.model import RankerConfig, RankingModel
+from ranker.model import TABLE_OPTIMIZERS, RankerConfig, RankingModel
 
 
 @dataclass
@@ -63,7 +63,6 @@ def build_model(features: FeatureEncoder, config: RankerConfig
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     ensure_process_group()
@@ -80,8 +79,7 @@ def build_model(features: FeatureEncoder, config: RankerConfig
     # One optimizer for every table: tables with different fused parameters go into
     # separate fbgemm kernels, and in a profile a second kernel (row-wise for the content
     # tables only) cost more per step than the row-wise update saved.
-    optimizer_class = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
-    apply_optimizer_in_backward(optimizer_class[config.table_optimizer],
+    apply_optimizer_in_backward(TABLE_OPTIMIZERS[config.table_optimizer],
                                 model.sparse_parameters(), {"lr": config.lr_sparse})
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     # Every table table-wise with the fused kernel: the planner would make small tables
