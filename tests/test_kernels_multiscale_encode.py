@@ -120,15 +120,20 @@ def test_triton_with_small_blocks_and_many_tiles():
 def tied_case(device):
     """Level 0 has 40 codes with code 3 duplicated at 9 (same K tile) and at 21 (the next
     16-wide tile); level 1 has code 0 duplicated at 18 and 30. Rows sit next to code 3,
-    so their level-0 distances to 3, 9 and 21 are exactly equal."""
+    so their level-0 distances to 3, 9 and 21 are exactly equal.
+
+    Every value is a small dyadic rational (a multiple of 1/4, 1/64 or 1/1024), so every
+    dot product and norm is exact in fp32 whatever the summation order: a BLAS (or the
+    Triton interpreter's numpy matmul) may round a column differently by its position in
+    a tile, which would break a tie that the values make exact."""
     g = torch.Generator().manual_seed(11)
-    center = torch.randn(40, 24, generator=g)
+    center = torch.randint(-8, 9, (40, 24), generator=g).float() / 4
     center[9] = center[3]
     center[21] = center[3]
-    residual = 0.05 * torch.randn(33, 24, generator=g)
+    residual = torch.randint(-4, 5, (33, 24), generator=g).float() / 64
     residual[18] = residual[0]
     residual[30] = residual[0]
-    x = center[3] + residual[0] + 0.001 * torch.randn(25, 24, generator=g)
+    x = center[3] + residual[0] + torch.randint(-1, 2, (25, 24), generator=g).float() / 1024
     return x.to(device), [[center.to(device), residual.to(device)]]
 
 
