@@ -7,7 +7,9 @@ differ in their codes as well as in the setting under test. This script reads ea
 variant's ``job.toml`` under BENCH/variants/, sets ``ranker.seed`` and the given fields,
 trains it in this process with ``ranker.job.run_train_job`` (what ``mmtok train`` runs),
 prints one line per run and writes every run's test metrics to OUT (JSON, resumable: runs
-already in OUT are skipped), then a table of means. Run::
+already in OUT are skipped) and its test predictions beside it (OUT without its suffix,
+one parquet per run), then a table of means and the paired bootstrap intervals of
+``ranker.comparison_intervals`` over the seeds' predictions. Run::
 
     PYTHONPATH=. .venv/bin/python benchmarks/retrain_variants.py runs/bench/ml BENCH-AB.json \\
         --seeds 0,1,2,3,4 --variants no_content,dense,recon,ids,ids_dense \\
@@ -23,8 +25,11 @@ import shutil
 import statistics
 from pathlib import Path
 
-from ranker import lift_lost
-from ranker.job import TrainJob, run_train_job
+import numpy as np
+import polars as pl
+
+from ranker import COMPARISONS, comparison_intervals, lift_lost
+from ranker.job import PREDICTIONS_FILE, TrainJob, run_train_job
 from ranking_throughput import parse_arm  # this folder's script, on sys.path
 
 KEPT = ("auc", "auc_warm", "auc_cold", "logloss", "ne", "train_examples_per_s", "best_epoch")
@@ -52,6 +57,8 @@ def main() -> None:
             job = dataclasses.replace(job, out=str(scratch),
                                       ranker=dataclasses.replace(config, seed=seed))
             metrics = run_train_job(job, progress=False)
+            # Only the test predictions stay, for the paired intervals below.
+            shutil.move(scratch / PREDICTIONS_FILE, scratch.parent / f"{variant}-{seed}.parquet")
             shutil.rmtree(scratch, ignore_errors=True)
             runs[key] = {k: metrics[k] for k in KEPT}
             args.out.write_text(json.dumps(runs, indent=1))
@@ -73,6 +80,22 @@ def main() -> None:
         if "ids_dense" in variants:
             print("ids_dense - dense per seed:", ", ".join(
                 f"{runs[f'ids_dense/{s}']['auc'] - runs[f'dense/{s}']['auc']:+.4f}" for s in seeds))
+    kept = args.out.with_suffix("")
+    files = {v: [kept / f"{v}-{s}.parquet" for s in seeds] for v in variants}
+    files = {v: paths for v, paths in files.items() if all(p.exists() for p in paths)}
+    if files:
+        frames = {v: [pl.read_parquet(p) for p in paths] for v, paths in files.items()}
+        first = next(iter(frames.values()))[0]
+        intervals = comparison_intervals(
+            first["label"].to_numpy(), first["is_cold"].to_numpy(),
+            {v: np.stack([f["prob"].to_numpy() for f in fs]) for v, fs in frames.items()})
+        print("\npaired bootstrap over the test rows, the seeds' mean AUC per resample:")
+        print("| comparison | rows | value | 95% interval | ahead on |")
+        for key, e in intervals.items():
+            variant, reference, rows, measure = COMPARISONS[key]
+            unit = (lambda x: f"{x:+.2%}") if measure == "lift_lost" else (lambda x: f"{x:+.4f}")
+            print(f"| {key}: {variant} vs {reference} | {rows} | {unit(e['value'])} | "
+                  f"{unit(e['low'])} to {unit(e['high'])} | {e['p_favourable']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from tqdm.auto import tqdm
 
 from mmdata import ItemEmbeddings, read_embeddings, write_embeddings, write_split
@@ -28,8 +29,8 @@ from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from mmtok.train_cmd import log_train_run
 from quantizer import encode_items, quantizer_metrics
-from ranker import RankerConfig, quantization_loss
-from ranker.job import TrainJob, run_train_job
+from ranker import RankerConfig, comparison_intervals, quantization_loss
+from ranker.job import PREDICTIONS_FILE, TrainJob, run_train_job
 
 # variant name -> (TrainJob variant, codes of which quantizer)
 CORE_VARIANTS = {"no_content": ("no_content", None), "dense": ("dense", None),
@@ -107,6 +108,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
 
     mlflow = start_tracking(out, "mmtok-bench-ranking")
     results: dict[str, dict] = {}
+    test_rows, scores = None, {}  # the test rows' labels and coldness; variant -> (S, N)
     t = time.perf_counter()
     with mlflow.start_run(run_name=f"bench-ranking-{embeddings_file.stem}") as parent:
         mlflow.log_params({"events": str(events_path), "item_embeddings": str(embeddings_path),
@@ -125,20 +127,29 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 if job_variant == "recon" else None,
                 codebook_sizes=qmetrics[qname]["codebook_sizes"] if qname else None,
                 streaming=streaming, ranker=config)
-            runs = []
+            runs, probs = [], []
             for ranker_seed in ranker_seeds or [config.seed]:
                 seeded = replace(job, ranker=replace(config, seed=ranker_seed),
                                  out=job.out if not ranker_seeds else f"{job.out}/seed-{ranker_seed}")
                 runs.append(_run_job(seeded, nproc=nproc, progress=progress))
+                predicted = pl.read_parquet(Path(seeded.out) / PREDICTIONS_FILE)
+                test_rows = predicted.select("label", "is_cold") if test_rows is None else test_rows
+                probs.append(predicted["prob"].to_numpy())
                 # One nested MLflow run per trained model, with its own model files.
                 log_train_run(seeded, runs[-1], nested=True,
                               run_name=name if not ranker_seeds else f"{name}-seed{ranker_seed}")
+            scores[name] = np.stack(probs)  # (S, N)
             metrics = _mean_over_seeds(runs) if ranker_seeds else runs[0]
             results[name] = metrics
             log(f"{name:>14}: test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
                 f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
         timings["rank_s"] = time.perf_counter() - t
         loss = quantization_loss(results)
+        t = time.perf_counter()
+        intervals = comparison_intervals(test_rows["label"].to_numpy(),
+                                         test_rows["is_cold"].to_numpy(), scores, seed=seed) \
+            if test_rows is not None else {}
+        timings["intervals_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started
         report = {
             "dataset": {"name": Path(events_path).parent.name or str(events_path),
@@ -150,6 +161,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             "quantizers": qmetrics,
             "variants": results,
             "quantization_loss": loss,
+            "intervals": intervals,
             "nproc": nproc,
             "ranker": asdict(config),
             "ranker_seeds": ranker_seeds or [config.seed],

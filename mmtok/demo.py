@@ -18,7 +18,8 @@ from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items, quantizer_metrics
 from quantizer.mmdict import MmDictConfig, MmDictQuantizer
-from ranker import FeatureEncoder, ItemContent, RankerConfig, quantization_loss, run_variants
+from ranker import (FeatureEncoder, ItemContent, RankerConfig, comparison_intervals,
+                    quantization_loss, run_variants)
 from ranker.bundle import ServableModel
 
 DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
@@ -113,13 +114,16 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
                 served.save(out / "model", name=f"demo-{name}")
                 log(f"servable model {served.model_version} -> {out / 'model'}")
 
+        predictions: dict[str, np.ndarray] = {}
         results = run_variants(
             split, embeddings.item_ids, embeddings=embeddings.vectors, codes=codes,
             code_names=quantizer.code_names, codebook_sizes=quantizer.codebook_sizes,
             reconstructions=recon, names=variants, config=rconfig, progress=progress,
-            on_result=log_variant)
+            on_result=log_variant, predictions=predictions)
         timings["rank_s"] = time.perf_counter() - t
         loss = quantization_loss(results)
+        intervals = comparison_intervals(split.test["label"].to_numpy(),
+                                         split.test["is_cold"].to_numpy(), predictions, seed=seed)
         timings["total_s"] = time.perf_counter() - started
         metrics = {
             "dataset": {"name": "movielens-100k", "items": items.height, "events": events.height,
@@ -129,6 +133,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
                           "codebook_sizes": quantizer.codebook_sizes, **qmetrics},
             "variants": {name: {k: v for k, v in m.items()} for name, m in results.items()},
             "quantization_loss": loss,
+            "intervals": intervals,
             "ranker": asdict(rconfig),
             "timings": timings,
             "mlflow_run_id": parent.info.run_id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ranker.experiment import BOOTSTRAP_RESAMPLES, COMPARISONS, LIFT_LOST_BAR
+
 # How a report names RankerConfig.table_optimizer.
 TABLE_OPTIMIZER_NAMES = {"adagrad": "exact Adagrad (a sum per element)",
                     "rowwise_adagrad": "row-wise Adagrad (a sum per row)"}
@@ -76,27 +78,56 @@ def plot_variant_auc(variants: dict[str, dict], path: Path, *, warmup_epochs: in
     return path
 
 
+def _measure(key: str, value: float) -> str:
+    """A comparison's value in its unit: lift lost in percent, AUC differences in AUC."""
+    return f"{value * 100:+.2f}%" if COMPARISONS[key][3] == "lift_lost" else f"{value:+.4f}"
+
+
+def _interval(key: str, entry: dict) -> str:
+    return f"{_measure(key, entry['low'])} to {_measure(key, entry['high'])}"
+
+
+def _sureness(key: str, intervals: dict) -> str:
+    """`` (95% interval over test rows: a to b; V ahead on p% of resamples)``, or ""."""
+    entry = intervals.get(key)
+    if entry is None:
+        return ""
+    variant, reference = COMPARISONS[key][:2]
+    return (f" (95% interval over the test rows {_interval(key, entry)}; `{variant}` ahead "
+            f"of `{reference}` on {entry['p_favourable']:.0%} of resamples)")
+
+
 def _summary(metrics: dict) -> list[str]:
     """The report's answers in sentences, for whichever variants ran."""
     v, loss = metrics["variants"], metrics.get("quantization_loss") or {}
+    intervals = metrics.get("intervals") or {}
     noise = max((m.get("auc_std", 0.0) for m in v.values()), default=0.0)
     out = []
     if "lift_lost_recon" in loss:
         lost = loss["lift_lost_recon"]
-        ok = "under" if lost < 0.01 else "over"
-        out.append(f"- Content rebuilt from the IDs (`recon`) {'loses' if lost > 0 else 'gains'} "
-                   f"**{abs(lost) * 100:.2f}%** of the dense embedding's lift, {ok} the "
-                   "1% bar for the loss.")
+        ok = "under" if lost < LIFT_LOST_BAR else "over"
+        line = (f"- Content rebuilt from the IDs (`recon`) {'loses' if lost > 0 else 'gains'} "
+                f"**{abs(lost) * 100:.2f}%** of the dense embedding's lift, {ok} the "
+                f"{LIFT_LOST_BAR:.0%} bar for the loss.")
+        entry = intervals.get("lift_lost_recon")
+        if entry:
+            line += (f" The test set leaves it anywhere from {_interval('lift_lost_recon', entry)} "
+                     f"(95%, paired bootstrap over test rows); it is under the bar on "
+                     f"{entry['p_under_bar']:.0%} of resamples.")
+        out.append(line)
     if "lift_lost" in loss:
         verb = "lose" if loss["lift_lost"] > 0 else "gain"
         out.append(f"- The IDs alone (`ids`) {verb} **{abs(loss['lift_lost']) * 100:.2f}%** of "
-                   f"the dense lift (AUC {v['ids']['auc']:.4f} vs {v['dense']['auc']:.4f}).")
+                   f"the dense lift (AUC {v['ids']['auc']:.4f} vs {v['dense']['auc']:.4f})"
+                   f"{_sureness('lift_lost', intervals)}.")
     if "ids_dense" in v and "dense" in v:
         diff = v["ids_dense"]["auc"] - v["dense"]["auc"]
-        out.append(f"- IDs beside the dense vector (`ids_dense`): {diff:+.4f} AUC over `dense`.")
+        out.append(f"- IDs beside the dense vector (`ids_dense`): {diff:+.4f} AUC over `dense`"
+                   f"{_sureness('ids_dense_vs_dense', intervals)}.")
     if "ids" in v and "no_content" in v and v["ids"].get("auc_cold") is not None:
         out.append(f"- Cold items: `ids` {v['ids']['auc_cold']:.4f} vs `no_content` "
-                   f"{v['no_content']['auc_cold']:.4f} AUC.")
+                   f"{v['no_content']['auc_cold']:.4f} AUC"
+                   f"{_sureness('ids_vs_no_content_cold', intervals)}.")
     if "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
         ratio = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
         out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s in this run "
@@ -208,6 +239,26 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
                   "lift_lost_recon": "recon vs dense (MmDict's \"< 1% on the task\")"}
         for key, value in loss.items():
             lines.append(f"| `{key}` | {labels.get(key, key)} | {value * 100:+.2f}% |")
+    intervals = metrics.get("intervals") or {}
+    if intervals:
+        lines += [
+            "",
+            "## How sure the test set makes these",
+            "",
+            f"Every variant scored on the same {BOOTSTRAP_RESAMPLES:,} resamples of the test "
+            "rows (drawn with replacement): a paired bootstrap, so each comparison keeps its pairing. The "
+            "interval is what the test set's size alone leaves open; training-seed variation "
+            "comes on top (`--seeds` averages it down). \"Ahead\" is the share of resamples "
+            "on which the first variant beats the second.",
+            "",
+            "| comparison | rows | value | 95% interval | ahead on |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for key, entry in intervals.items():
+            variant, reference, rows, _ = COMPARISONS[key]
+            lines.append(f"| `{key}`: {variant} vs {reference} | {rows} | "
+                         f"{_measure(key, entry['value'])} | {_interval(key, entry)} | "
+                         f"{entry['p_favourable']:.0%} |")
     lines += ["", f"![AUC by variant]({plot.name})", ""]
     timings = metrics.get("timings")
     if timings:

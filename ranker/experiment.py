@@ -9,8 +9,9 @@ import numpy as np
 
 from mmdata.split import EventSplit
 from ranker.features import FeatureEncoder, ItemContent
+from ranker.metrics import auc, bootstrap_aucs, ranking_metrics
 from ranker.model import RankerConfig
-from ranker.train import evaluate, train_ranker
+from ranker.train import predict, train_ranker
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,11 @@ VARIANTS = {
 }
 
 
-def lift_lost(auc_dense: float, auc_variant: float) -> float:
-    """Share of the dense model's lift over chance that a variant loses (< 0: it wins)."""
-    return float((auc_dense - auc_variant) / (auc_dense - 0.5))
+def lift_lost(auc_dense, auc_variant):
+    """Share of the dense model's lift over chance that a variant loses (< 0: it wins).
+    Floats, or arrays of them (e.g. bootstrap resamples) elementwise."""
+    lost = (np.asarray(auc_dense) - auc_variant) / (np.asarray(auc_dense) - 0.5)
+    return float(lost) if np.ndim(lost) == 0 else lost
 
 
 def quantization_loss(results: dict[str, dict]) -> dict:
@@ -50,10 +53,73 @@ def quantization_loss(results: dict[str, dict]) -> dict:
     return out
 
 
+# Resamples of the test rows behind each interval the reports give.
+BOOTSTRAP_RESAMPLES = 1000
+
+# MmDict's claim for content rebuilt from the IDs: under 1% of the task's lift lost.
+LIFT_LOST_BAR = 0.01
+
+# The report's comparisons: key -> (variant V, reference R, test rows, measure). "lift_lost"
+# is lift_lost(AUC_R, AUC_V) (V wins below 0); "auc_diff" is AUC_V - AUC_R (V wins above 0).
+COMPARISONS = {
+    "lift_lost": ("ids", "dense", "all", "lift_lost"),
+    "lift_lost_cold": ("ids", "dense", "cold", "lift_lost"),
+    "lift_lost_recon": ("recon", "dense", "all", "lift_lost"),
+    "ids_dense_vs_dense": ("ids_dense", "dense", "all", "auc_diff"),
+    "ids_vs_no_content_cold": ("ids", "no_content", "cold", "auc_diff"),
+}
+
+
+def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[str, np.ndarray],
+                         *, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                         level: float = 0.95) -> dict:
+    """How sure the test set lets a report be of each of ``COMPARISONS`` whose variants
+    ran: a paired bootstrap over the test rows (``metrics.bootstrap_aucs``).
+
+    Args:
+        labels: (N,) test labels; is_cold: (N,) bool.
+        scores: variant -> (N,) or (S, N) test scores (S seeds, averaged as the report's
+            AUCs are), every variant's rows in the same order.
+
+    Returns:
+        ``{key: {"value", "low", "high", "p_favourable"}}``: the comparison on the whole
+        test set, its ``level`` interval, and the share of resamples on which V comes out
+        ahead of R; a lift-lost entry adds ``p_under_bar``, the share under
+        ``LIFT_LOST_BAR``. The interval is over test rows only: seed-to-seed variation of
+        training adds to it (``--seeds`` averages it down).
+    """
+    wanted = {k: c for k, c in COMPARISONS.items() if c[0] in scores and c[1] in scores}
+    if not wanted:
+        return {}
+    cold = np.asarray(is_cold, dtype=bool)
+    subsets = {"all": np.ones(len(labels), dtype=bool), "cold": cold}
+    subsets = {name: subsets[name] for name in {c[2] for c in wanted.values()}}
+    used = {v: scores[v] for c in wanted.values() for v in c[:2]}
+    boot = bootstrap_aucs(labels, used, subsets=subsets, n_boot=n_boot, seed=seed)
+    out = {}
+    for key, (variant, reference, rows, measure) in wanted.items():
+        def value(auc_v, auc_r):
+            return lift_lost(auc_r, auc_v) if measure == "lift_lost" else auc_v - auc_r
+        mask = subsets[rows]
+        whole = {v: float(np.mean([auc(labels[mask], s[mask]) for s in np.atleast_2d(used[v])]))
+                 for v in (variant, reference)}
+        samples = value(boot[variant, rows], boot[reference, rows])
+        samples = samples[np.isfinite(samples)]
+        low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+        favourable = samples < 0 if measure == "lift_lost" else samples > 0
+        out[key] = {"value": float(value(whole[variant], whole[reference])),
+                    "low": float(low), "high": float(high),
+                    "p_favourable": float(favourable.mean())}
+        if measure == "lift_lost":  # MmDict's bar for the loss
+            out[key]["p_under_bar"] = float((samples < LIFT_LOST_BAR).mean())
+    return out
+
+
 def run_variants(split: EventSplit, item_ids: np.ndarray, *, embeddings: np.ndarray,
                  codes: np.ndarray, code_names: list[str], codebook_sizes: list[int],
                  reconstructions: np.ndarray | None, names: list[str], config: RankerConfig,
-                 progress: bool = True, on_result=None) -> dict[str, dict]:
+                 progress: bool = True, on_result=None,
+                 predictions: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Trains and tests each named variant; returns ``{name: metrics}``.
 
     Args:
@@ -63,6 +129,8 @@ def run_variants(split: EventSplit, item_ids: np.ndarray, *, embeddings: np.ndar
         reconstructions: (n, d) ``decode(codes)``, needed by "recon".
         names: variant names from ``VARIANTS``.
         on_result: called as ``on_result(name, metrics, train_result)`` after each variant.
+        predictions: if given, gets each variant's (N,) test click probabilities, in
+            ``split.test`` row order (for ``comparison_intervals``).
     """
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -82,7 +150,10 @@ def run_variants(split: EventSplit, item_ids: np.ndarray, *, embeddings: np.ndar
         valid = features.encode(split.valid, where="validation events")
         test = features.encode(split.test, where="test events")
         trained = train_ranker(features, train, valid, config, progress=progress, desc=name)
-        metrics = evaluate(trained.model, features, test)
+        probs = predict(trained.model, features, test)
+        metrics = ranking_metrics(test.labels.numpy(), probs, test.is_cold.numpy())
+        if predictions is not None:
+            predictions[name] = probs
         metrics["train_examples_per_s"] = trained.train_examples_per_s
         metrics["best_epoch"] = trained.best_epoch
         metrics["history"] = trained.history

@@ -33,8 +33,13 @@ from torch import nn
 from ranker.data import InMemoryBatches, ParquetBatches
 from ranker.experiment import VARIANTS
 from ranker.features import FeatureEncoder, ItemContent
+from ranker.metrics import ranking_metrics
 from ranker.model import RankerConfig, RankingModel
-from ranker.train import TrainResult, current_shard, evaluate, train_ranker, unshard_model
+from ranker.train import TrainResult, current_shard, predict, train_ranker, unshard_model
+
+# A trained job's test scores, one row per test event (user_id, item_id, label, is_cold,
+# prob), beside its metrics.json.
+PREDICTIONS_FILE = "test_predictions.parquet"
 
 
 @dataclass
@@ -201,8 +206,10 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     if stop_after_steps is not None and not trained.history:
         return {"stopped_after_steps": stop_after_steps, "world_size": shard.world_size,
                 "train_examples_per_s": trained.train_examples_per_s}
-    test = features.encode(pl.read_parquet(split / "test.parquet"), where="test events")
-    metrics = evaluate(trained.model, features, test)
+    test_events = pl.read_parquet(split / "test.parquet")
+    test = features.encode(test_events, where="test events")
+    probs = predict(trained.model, features, test)
+    metrics = ranking_metrics(test.labels.numpy(), probs, test.is_cold.numpy())
     metrics.update(train_examples_per_s=trained.train_examples_per_s,
                    best_epoch=trained.best_epoch, history=trained.history,
                    world_size=shard.world_size, resumed=trained.resumed,
@@ -212,4 +219,8 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         (out / "job.toml").write_text(job.to_toml())
+        # Per test row, for slicing the metrics by anything the events hold and for the
+        # bench's paired intervals (ranker.comparison_intervals).
+        test_events.select("user_id", "item_id", "label").with_columns(
+            is_cold=test.is_cold.numpy(), prob=probs).write_parquet(out / PREDICTIONS_FILE)
     return metrics

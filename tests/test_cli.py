@@ -17,6 +17,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     for m in metrics["variants"].values():
         assert 0.6 < m["auc"] < 0.8 and m["rows_cold"] > 500
     assert set(metrics["quantization_loss"]) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
+    recon = metrics["intervals"]["lift_lost_recon"]
+    assert recon["value"] == pytest.approx(metrics["quantization_loss"]["lift_lost_recon"])
+    assert recon["low"] < recon["value"] < recon["high"]
     report = (out / "report.md").read_text()
     assert "| ids |" in report and "variant_auc.png" in report
     assert (out / "variant_auc.png").stat().st_size > 10_000

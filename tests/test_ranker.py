@@ -4,9 +4,9 @@ import torch
 
 from mmdata import DataContractError, split_events
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer
-from ranker import (FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingModel, auc,
-                    kjt_from_columns, lift_lost, log_loss, normalized_entropy, quantization_loss,
-                    run_variants, train_ranker)
+from ranker import (COMPARISONS, FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingModel,
+                    auc, bootstrap_aucs, comparison_intervals, kjt_from_columns, lift_lost,
+                    log_loss, normalized_entropy, quantization_loss, run_variants, train_ranker)
 from ranker.data import InMemoryBatches
 from ranker.train import build_model, table_learning_rate, train_step
 
@@ -189,6 +189,59 @@ def test_metric_definitions():
     assert loss["lift_lost"] == pytest.approx(-0.05)
     assert loss["lift_lost_cold"] == pytest.approx(-0.2)
     assert loss["lift_lost_recon"] == pytest.approx(0.01)
+
+
+def test_bootstrap_aucs_are_weighted_mann_whitney_on_shared_resamples():
+    from ranker.metrics import _SortedScores
+
+    rng = np.random.default_rng(0)
+    y = rng.random(4000) < 0.3
+    good = y + rng.normal(size=4000)
+    tied = np.round(good, 1)  # many ties
+    for scores in (good, tied):  # unit weights: exactly the AUC, ties counted half
+        assert _SortedScores(y.astype(float), scores).aucs(np.ones((4000, 1)))[0] == \
+            pytest.approx(auc(y, scores), abs=1e-12)
+    # A weight of 2 counts a row twice: the same as repeating it.
+    w = rng.integers(0, 3, size=4000)
+    rep = np.repeat(np.arange(4000), w)
+    assert _SortedScores(y.astype(float), tied).aucs(w[:, None].astype(float))[0] == \
+        pytest.approx(auc(y[rep], tied[rep]), abs=1e-12)
+    boot = bootstrap_aucs(y, {"a": good, "b": good.copy(), "seeds": np.stack([good, tied])},
+                          subsets={"all": np.ones(4000, bool), "half": np.arange(4000) < 2000},
+                          n_boot=400)
+    assert np.array_equal(boot["a", "all"], boot["b", "all"])  # paired: the same draws
+    assert abs(boot["a", "all"].mean() - auc(y, good)) < 0.003
+    # Half the rows leave about sqrt(2) times the spread.
+    ratio = boot["a", "half"].std() / boot["a", "all"].std()
+    assert 1.2 < ratio < 1.7
+    # (S, N) scores: each resample's AUC is the mean over the seeds'.
+    assert boot["seeds", "all"].mean() == pytest.approx(
+        (auc(y, good) + auc(y, tied)) / 2, abs=0.003)
+
+
+def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
+    rng = np.random.default_rng(1)
+    n = 6000
+    y = rng.random(n) < 0.3
+    cold = np.arange(n) % 5 == 0
+    dense = y + rng.normal(size=n)
+    scores = {"dense": dense, "recon": dense.copy(),  # no loss at all
+              "ids": dense + rng.normal(size=n) * 1.5,  # clearly worse
+              "ids_dense": y + rng.normal(size=n),  # as good as dense: a tie
+              "no_content": rng.normal(size=n)}
+    out = comparison_intervals(y, cold, scores, n_boot=300)
+    assert set(out) == set(COMPARISONS)
+    recon = out["lift_lost_recon"]
+    assert recon["value"] == recon["low"] == recon["high"] == 0 and recon["p_under_bar"] == 1
+    ids = out["lift_lost"]
+    assert ids["value"] == pytest.approx(lift_lost(auc(y, dense), auc(y, scores["ids"])))
+    assert 0 < ids["low"] < ids["value"] < ids["high"] and ids["p_favourable"] == 0
+    tie = out["ids_dense_vs_dense"]
+    assert tie["low"] < 0 < tie["high"] and 0.05 < tie["p_favourable"] < 0.95
+    assert out["ids_vs_no_content_cold"]["low"] > 0  # the cold rows alone resolve this
+    # Only the comparisons whose variants ran.
+    assert set(comparison_intervals(y, cold, {"dense": dense, "recon": dense}, n_boot=10)) == \
+        {"lift_lost_recon"}
 
 
 def test_prefix_ngrams_read_a_residual_code_with_its_center():

@@ -336,6 +336,16 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     dense = metrics["variants"]["dense"]["auc"]
     assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
     assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
+    # Paired intervals from the seeds' test predictions, each around its own point value.
+    intervals = metrics["intervals"]
+    assert set(intervals) == {"lift_lost", "lift_lost_cold", "lift_lost_recon",
+                              "ids_vs_no_content_cold"}  # ids_dense did not run
+    assert intervals["lift_lost"]["value"] == pytest.approx(loss["lift_lost"])
+    for entry in intervals.values():
+        assert entry["low"] < entry["value"] < entry["high"] and 0 <= entry["p_favourable"] <= 1
+    predicted = pl.read_parquet(out / "variants" / "ids" / "seed-1" / "test_predictions.parquet")
+    assert predicted.height == metrics["dataset"]["split"]["test"]["rows"]
+    assert predicted.columns == ["user_id", "item_id", "label", "is_cold", "prob"]
     assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
     assert metrics["quantizer"]["codebook_sizes"] == [16, 16, 16, 64, 64, 64]
     # A finished run's checkpoints (for --resume only) are gone; its model stays.
@@ -343,6 +353,7 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert len(list(out.glob("variants/*/seed-*/model/model.safetensors"))) == 10
     report = (out / "report.md").read_text()
     assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
+    assert "## How sure the test set makes these" in report and "95% interval" in report
     assert "tables updated by row-wise Adagrad" in report  # the ranker config is named
     assert (out / "variant_auc.png").stat().st_size > 10_000
     # The split follows the protocol and the codes follow the contract.
