@@ -45,6 +45,33 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert slot.current.model_version == served.model_version
 
 
+def test_each_job_logs_to_its_own_run_directory_unless_the_user_names_a_store(tmp_path,
+                                                                             monkeypatch):
+    from mmtok.tracking import start_tracking
+
+    def log_one(out, experiment):
+        mlflow = start_tracking(out, experiment)
+        with mlflow.start_run(run_name="job"):
+            mlflow.log_metric("auc", 0.7)
+        return mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    log_one(a, "exp-a")
+    mlflow = log_one(b, "exp-b")  # MLflow exported a's store as $MLFLOW_TRACKING_URI
+    for out, experiment in ((a, "exp-a"), (b, "exp-b")):
+        mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+        assert len(mlflow.search_runs(experiment_names=[experiment])) == 1
+    # A store the user names in the environment takes every job's runs.
+    shared = tmp_path / "shared.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shared}")
+    log_one(a, "exp-c")
+    log_one(b, "exp-c")
+    mlflow.set_tracking_uri(f"sqlite:///{shared}")
+    assert len(mlflow.search_runs(experiment_names=["exp-c"])) == 2
+
+
 def test_data_featurize_quantize_commands(tmp_path):
     assert main(["data", "synthetic", "--out", str(tmp_path / "w"), "--items", "500",
                  "--users", "100", "--events", "3000", "--dim", "16", "--quiet"]) == 0
