@@ -78,6 +78,45 @@ def plot_variant_auc(variants: dict[str, dict], path: Path, *, warmup_epochs: in
     return path
 
 
+def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
+    """Each comparison's value and 95% interval over the test rows, one panel per scale:
+    lift lost on all rows (with the 1% bar), lift lost on cold rows, AUC differences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("lift lost, all rows: % of dense's lift (< 0: beats dense)", 100,
+               lambda c: c[3] == "lift_lost" and c[2] == "all"),
+              ("lift lost, cold rows: % of dense's lift", 100,
+               lambda c: c[3] == "lift_lost" and c[2] == "cold"),
+              ("AUC difference (> 0: the first variant is better)", 1,
+               lambda c: c[3] == "auc_diff")]
+    panels = [(title, scale, [k for k in intervals if pick(COMPARISONS[k])])
+              for title, scale, pick in panels]
+    panels = [p for p in panels if p[2]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 2.8), squeeze=False)
+    for ax, (title, scale, keys) in zip(axes[0], panels):
+        for i, key in enumerate(keys):
+            e = intervals[key]
+            ax.plot([e["low"] * scale, e["high"] * scale], [i, i], color="tab:blue", lw=2)
+            ax.plot(e["value"] * scale, i, "o", color="tab:blue")
+        ax.axvline(0, color="grey", lw=0.8)
+        if "all rows" in title:
+            ax.axvline(LIFT_LOST_BAR * 100, color="tab:red", lw=0.8, ls="--", label="1% bar")
+            ax.legend(fontsize=7, loc="best")
+        ax.set_yticks(range(len(keys)), [f"{COMPARISONS[k][0]} vs {COMPARISONS[k][1]}"
+                                         f"\n{COMPARISONS[k][2]} rows" for k in keys], fontsize=7)
+        ax.set_ylim(len(keys) - 0.4, -0.6)  # first comparison on top
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Value and 95% interval over the test rows (paired bootstrap)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _measure(key: str, value: float) -> str:
     """A comparison's value in its unit: lift lost in percent, AUC differences in AUC."""
     return f"{value * 100:+.2f}%" if COMPARISONS[key][3] == "lift_lost" else f"{value:+.4f}"
@@ -259,6 +298,8 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             lines.append(f"| `{key}`: {variant} vs {reference} | {rows} | "
                          f"{_measure(key, entry['value'])} | {_interval(key, entry)} | "
                          f"{entry['p_favourable']:.0%} |")
+        figure = plot_comparisons(intervals, out_dir / "comparisons.png")
+        lines += ["", f"![Comparisons with their intervals]({figure.name})"]
     lines += ["", f"![AUC by variant]({plot.name})", ""]
     timings = metrics.get("timings")
     if timings:

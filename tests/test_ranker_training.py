@@ -354,6 +354,7 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     report = (out / "report.md").read_text()
     assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
     assert "## How sure the test set makes these" in report and "95% interval" in report
+    assert "comparisons.png" in report and (out / "comparisons.png").stat().st_size > 10_000
     assert "tables updated by row-wise Adagrad" in report  # the ranker config is named
     assert (out / "variant_auc.png").stat().st_size > 10_000
     # The split follows the protocol and the codes follow the contract.
