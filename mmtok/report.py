@@ -127,13 +127,18 @@ def _interval(key: str, entry: dict) -> str:
 
 
 def _sureness(key: str, intervals: dict) -> str:
-    """`` (95% interval over test rows: a to b; V ahead on p% of resamples)``, or ""."""
+    """``95% interval over the test rows a to b; `V` ahead of `R` on p% of resamples``,
+    or "" when the comparison has no interval."""
     entry = intervals.get(key)
     if entry is None:
         return ""
     variant, reference = COMPARISONS[key][:2]
-    return (f" (95% interval over the test rows {_interval(key, entry)}; `{variant}` ahead "
-            f"of `{reference}` on {entry['p_favourable']:.0%} of resamples)")
+    return (f"95% interval over the test rows {_interval(key, entry)}; `{variant}` ahead "
+            f"of `{reference}` on {entry['p_favourable']:.0%} of resamples")
+
+
+def _in_brackets(text: str) -> str:
+    return f" ({text})" if text else ""
 
 
 def _summary(metrics: dict) -> list[str]:
@@ -157,16 +162,16 @@ def _summary(metrics: dict) -> list[str]:
     if "lift_lost" in loss:
         verb = "lose" if loss["lift_lost"] > 0 else "gain"
         out.append(f"- The IDs alone (`ids`) {verb} **{abs(loss['lift_lost']) * 100:.2f}%** of "
-                   f"the dense lift (AUC {v['ids']['auc']:.4f} vs {v['dense']['auc']:.4f})"
-                   f"{_sureness('lift_lost', intervals)}.")
+                   f"the dense lift (AUC {v['ids']['auc']:.4f} vs {v['dense']['auc']:.4f}"
+                   f"{'; ' + sure if (sure := _sureness('lift_lost', intervals)) else ''}).")
     if "ids_dense" in v and "dense" in v:
         diff = v["ids_dense"]["auc"] - v["dense"]["auc"]
         out.append(f"- IDs beside the dense vector (`ids_dense`): {diff:+.4f} AUC over `dense`"
-                   f"{_sureness('ids_dense_vs_dense', intervals)}.")
+                   f"{_in_brackets(_sureness('ids_dense_vs_dense', intervals))}.")
     if "ids" in v and "no_content" in v and v["ids"].get("auc_cold") is not None:
         out.append(f"- Cold items: `ids` {v['ids']['auc_cold']:.4f} vs `no_content` "
                    f"{v['no_content']['auc_cold']:.4f} AUC"
-                   f"{_sureness('ids_vs_no_content_cold', intervals)}.")
+                   f"{_in_brackets(_sureness('ids_vs_no_content_cold', intervals))}.")
     if "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
         ratio = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
         out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s in this run "
