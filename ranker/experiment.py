@@ -86,7 +86,8 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
         test set, its ``level`` interval, and the share of resamples on which V comes out
         ahead of R; a lift-lost entry adds ``p_under_bar``, the share under
         ``LIFT_LOST_BAR``. The interval is over test rows only: seed-to-seed variation of
-        training adds to it (``--seeds`` averages it down).
+        training adds to it (``--seeds`` averages it down). A comparison whose rows hold
+        one class only (e.g. no cold test rows) is left out.
     """
     wanted = {k: c for k, c in COMPARISONS.items() if c[0] in scores and c[1] in scores}
     if not wanted:
@@ -105,6 +106,8 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
                  for v in (variant, reference)}
         samples = value(boot[variant, rows], boot[reference, rows])
         samples = samples[np.isfinite(samples)]
+        if not len(samples):  # e.g. no cold test rows, or cold rows of one class only
+            continue
         low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
         favourable = samples < 0 if measure == "lift_lost" else samples > 0
         out[key] = {"value": float(value(whole[variant], whole[reference])),

@@ -239,6 +239,9 @@ def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
     tie = out["ids_dense_vs_dense"]
     assert tie["low"] < 0 < tie["high"] and 0.05 < tie["p_favourable"] < 0.95
     assert out["ids_vs_no_content_cold"]["low"] > 0  # the cold rows alone resolve this
+    # No cold test rows: the cold comparisons are left out, not NaN.
+    assert set(comparison_intervals(y, np.zeros(n, bool), scores, n_boot=10)) == \
+        {"lift_lost", "lift_lost_recon", "ids_dense_vs_dense"}
     # Only the comparisons whose variants ran.
     assert set(comparison_intervals(y, cold, {"dense": dense, "recon": dense}, n_boot=10)) == \
         {"lift_lost_recon"}
