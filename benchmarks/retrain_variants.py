@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ranker import COMPARISONS, comparison_intervals, lift_lost
+from ranker import comparison_intervals, lift_lost
 from ranker.job import PREDICTIONS_FILE, TrainJob, run_train_job
 from ranking_throughput import parse_arm  # this folder's script, on sys.path
 
@@ -92,9 +92,8 @@ def main() -> None:
         print("\npaired bootstrap over the test rows, the seeds' mean AUC per resample:")
         print("| comparison | rows | value | 95% interval | ahead on |")
         for key, e in intervals.items():
-            variant, reference, rows, measure = COMPARISONS[key]
-            unit = (lambda x: f"{x:+.2%}") if measure == "lift_lost" else (lambda x: f"{x:+.4f}")
-            print(f"| {key}: {variant} vs {reference} | {rows} | {unit(e['value'])} | "
+            unit = (lambda x: f"{x:+.2%}") if e["measure"] == "lift_lost" else (lambda x: f"{x:+.4f}")
+            print(f"| {key}: {e['variant']} vs {e['reference']} | {e['rows']} | {unit(e['value'])} | "
                   f"{unit(e['low'])} to {unit(e['high'])} | {e['p_favourable']:.0%} |")
 
 

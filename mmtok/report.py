@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ranker.experiment import BOOTSTRAP_RESAMPLES, COMPARISONS, LIFT_LOST_BAR
+from ranker.experiment import BOOTSTRAP_RESAMPLES, LIFT_LOST_BAR
 
 # How a report names RankerConfig.table_optimizer.
 TABLE_OPTIMIZER_NAMES = {"adagrad": "exact Adagrad (a sum per element)",
@@ -87,12 +87,12 @@ def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("lift lost, all rows: % of dense's lift (< 0: beats dense)", 100,
-               lambda c: c[3] == "lift_lost" and c[2] == "all"),
+               lambda e: e["measure"] == "lift_lost" and e["rows"] == "all"),
               ("lift lost, cold rows: % of dense's lift", 100,
-               lambda c: c[3] == "lift_lost" and c[2] == "cold"),
+               lambda e: e["measure"] == "lift_lost" and e["rows"] == "cold"),
               ("AUC difference (> 0: the first variant is better)", 1,
-               lambda c: c[3] == "auc_diff")]
-    panels = [(title, scale, [k for k in intervals if pick(COMPARISONS[k])])
+               lambda e: e["measure"] == "auc_diff")]
+    panels = [(title, scale, [k for k, e in intervals.items() if pick(e)])
               for title, scale, pick in panels]
     panels = [p for p in panels if p[2]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 2.8), squeeze=False)
@@ -105,8 +105,9 @@ def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
         if "all rows" in title:
             ax.axvline(LIFT_LOST_BAR * 100, color="tab:red", lw=0.8, ls="--", label="1% bar")
             ax.legend(fontsize=7, loc="best")
-        ax.set_yticks(range(len(keys)), [f"{COMPARISONS[k][0]} vs {COMPARISONS[k][1]}"
-                                         f"\n{COMPARISONS[k][2]} rows" for k in keys], fontsize=7)
+        entries = [intervals[k] for k in keys]
+        ax.set_yticks(range(len(keys)), [f"{e['variant']} vs {e['reference']}\n{e['rows']} rows"
+                                         for e in entries], fontsize=7)
         ax.set_ylim(len(keys) - 0.4, -0.6)  # first comparison on top
         ax.set_title(title, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
@@ -117,13 +118,13 @@ def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def _measure(key: str, value: float) -> str:
+def _measure(entry: dict, value: float) -> str:
     """A comparison's value in its unit: lift lost in percent, AUC differences in AUC."""
-    return f"{value * 100:+.2f}%" if COMPARISONS[key][3] == "lift_lost" else f"{value:+.4f}"
+    return f"{value * 100:+.2f}%" if entry["measure"] == "lift_lost" else f"{value:+.4f}"
 
 
-def _interval(key: str, entry: dict) -> str:
-    return f"{_measure(key, entry['low'])} to {_measure(key, entry['high'])}"
+def _interval(entry: dict) -> str:
+    return f"{_measure(entry, entry['low'])} to {_measure(entry, entry['high'])}"
 
 
 def _sureness(key: str, intervals: dict) -> str:
@@ -132,9 +133,8 @@ def _sureness(key: str, intervals: dict) -> str:
     entry = intervals.get(key)
     if entry is None:
         return ""
-    variant, reference = COMPARISONS[key][:2]
-    return (f"95% interval over the test rows {_interval(key, entry)}; `{variant}` ahead "
-            f"of `{reference}` on {entry['p_favourable']:.0%} of resamples")
+    return (f"95% interval over the test rows {_interval(entry)}; `{entry['variant']}` ahead "
+            f"of `{entry['reference']}` on {entry['p_favourable']:.0%} of resamples")
 
 
 def _in_brackets(text: str) -> str:
@@ -155,7 +155,7 @@ def _summary(metrics: dict) -> list[str]:
                 f"{LIFT_LOST_BAR:.0%} bar for the loss.")
         entry = intervals.get("lift_lost_recon")
         if entry:
-            line += (f" The test set leaves it anywhere from {_interval('lift_lost_recon', entry)} "
+            line += (f" The test set leaves it anywhere from {_interval(entry)} "
                      f"(95%, paired bootstrap over test rows); it is under the bar on "
                      f"{entry['p_under_bar']:.0%} of resamples.")
         out.append(line)
@@ -298,11 +298,10 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             "| comparison | rows | value | 95% interval | ahead on |",
             "|---|---|---:|---:|---:|",
         ]
-        for key, entry in intervals.items():
-            variant, reference, rows, _ = COMPARISONS[key]
-            lines.append(f"| `{key}`: {variant} vs {reference} | {rows} | "
-                         f"{_measure(key, entry['value'])} | {_interval(key, entry)} | "
-                         f"{entry['p_favourable']:.0%} |")
+        for key, e in intervals.items():
+            lines.append(f"| `{key}`: {e['variant']} vs {e['reference']} | {e['rows']} | "
+                         f"{_measure(e, e['value'])} | {_interval(e)} | "
+                         f"{e['p_favourable']:.0%} |")
         figure = plot_comparisons(intervals, out_dir / "comparisons.png")
         lines += ["", f"![Comparisons with their intervals]({figure.name})"]
     lines += ["", f"![AUC by variant]({plot.name})", ""]

@@ -68,13 +68,16 @@ COMPARISONS = {
     "ids_dense_vs_dense": ("ids_dense", "dense", "all", "auc_diff"),
     "ids_vs_no_content_cold": ("ids", "no_content", "cold", "auc_diff"),
 }
+# And for each baseline quantizer's IDs that ran: ids_vs_<name>_ids, mmtok's IDs against
+# the baseline's (auc_diff on all rows).
 
 
 def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[str, np.ndarray],
                          *, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                          level: float = 0.95) -> dict:
     """How sure the test set lets a report be of each of ``COMPARISONS`` whose variants
-    ran: a paired bootstrap over the test rows (``metrics.bootstrap_aucs``).
+    ran, and of mmtok's IDs against each baseline's (``<name>_ids`` in ``scores``): a
+    paired bootstrap over the test rows (``metrics.bootstrap_aucs``).
 
     Args:
         labels: (N,) test labels; is_cold: (N,) bool.
@@ -82,14 +85,17 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
             AUCs are), every variant's rows in the same order.
 
     Returns:
-        ``{key: {"value", "low", "high", "p_favourable"}}``: the comparison on the whole
-        test set, its ``level`` interval, and the share of resamples on which V comes out
-        ahead of R; a lift-lost entry adds ``p_under_bar``, the share under
+        ``{key: {"variant", "reference", "rows", "measure", "value", "low", "high",
+        "p_favourable"}}``: what is compared (as in ``COMPARISONS``), the comparison on the
+        whole test set, its ``level`` interval, and the share of resamples on which V comes
+        out ahead of R; a lift-lost entry adds ``p_under_bar``, the share under
         ``LIFT_LOST_BAR``. The interval is over test rows only: seed-to-seed variation of
         training adds to it (``--seeds`` averages it down). A comparison whose rows hold
         one class only (e.g. no cold test rows) is left out.
     """
-    wanted = {k: c for k, c in COMPARISONS.items() if c[0] in scores and c[1] in scores}
+    specs = COMPARISONS | {f"ids_vs_{name}": ("ids", name, "all", "auc_diff")
+                           for name in scores if name.endswith("_ids")}
+    wanted = {k: c for k, c in specs.items() if c[0] in scores and c[1] in scores}
     if not wanted:
         return {}
     cold = np.asarray(is_cold, dtype=bool)
@@ -110,7 +116,8 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
             continue
         low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
         favourable = samples < 0 if measure == "lift_lost" else samples > 0
-        out[key] = {"value": float(value(whole[variant], whole[reference])),
+        out[key] = {"variant": variant, "reference": reference, "rows": rows,
+                    "measure": measure, "value": float(value(whole[variant], whole[reference])),
                     "low": float(low), "high": float(high),
                     "p_favourable": float(favourable.mean())}
         if measure == "lift_lost":  # MmDict's bar for the loss

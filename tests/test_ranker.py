@@ -229,8 +229,9 @@ def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
               "ids": dense + rng.normal(size=n) * 1.5,  # clearly worse
               "ids_dense": y + rng.normal(size=n),  # as good as dense: a tie
               "no_content": rng.normal(size=n)}
-    out = comparison_intervals(y, cold, scores, n_boot=300)
-    assert set(out) == set(COMPARISONS)
+    out = comparison_intervals(y, cold, scores | {"lsh_ids": scores["no_content"]}, n_boot=300)
+    assert set(out) == set(COMPARISONS) | {"ids_vs_lsh_ids"}  # and each baseline's IDs
+    assert out["ids_vs_lsh_ids"]["reference"] == "lsh_ids" and out["ids_vs_lsh_ids"]["low"] > 0
     recon = out["lift_lost_recon"]
     assert recon["value"] == recon["low"] == recon["high"] == 0 and recon["p_under_bar"] == 1
     ids = out["lift_lost"]

@@ -339,7 +339,8 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     # Paired intervals from the seeds' test predictions, each around its own point value.
     intervals = metrics["intervals"]
     assert set(intervals) == {"lift_lost", "lift_lost_cold", "lift_lost_recon",
-                              "ids_vs_no_content_cold"}  # ids_dense did not run
+                              "ids_vs_no_content_cold",  # ids_dense did not run
+                              "ids_vs_faiss_rq_ids"}  # mmtok's IDs against the baseline's
     assert intervals["lift_lost"]["value"] == pytest.approx(loss["lift_lost"])
     for entry in intervals.values():
         assert entry["low"] < entry["value"] < entry["high"] and 0 <= entry["p_favourable"] <= 1
