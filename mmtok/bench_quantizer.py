@@ -15,27 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mmdata import read_embeddings
-from quantizer import quantizer_metrics, total_bits
-from quantizer.baselines import FaissPQ, FaissRQ, KMeansQuantizer, LSHQuantizer
-from quantizer.mmdict import MmDictConfig, MmDictQuantizer
-
-
-def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None
-                     ) -> dict[str, object]:
-    """mmtok and the baselines at the same total bits."""
-    mm_config = MmDictConfig(scale_sizes=scale_sizes, levels=levels, seed=seed,
-                             **({"steps": steps} if steps else {}))
-    mmtok = MmDictQuantizer(mm_config)
-    bits = int(round(total_bits(mmtok.codebook_sizes)))
-    pq_bits = next((b for b in (8, 6, 4, 3, 2, 1) if bits % b == 0))
-    lsh_bits = next((b for b in (6, 4, 3, 2, 1) if bits % b == 0))
-    return {
-        "mmtok": mmtok,
-        "faiss_rq": FaissRQ(mmtok.codebook_sizes),
-        "faiss_pq": FaissPQ(bits, nbits=pq_bits),
-        "kmeans": KMeansQuantizer(max(scale_sizes), seed=seed),
-        "lsh": LSHQuantizer(bits, bits_per_code=lsh_bits, seed=seed),
-    }
+from quantizer import build_quantizers, quantizer_metrics, save_quantizer
 
 
 def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
@@ -59,10 +39,7 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
     results, codes_of = {}, {}
     for name, q in quantizers.items():
         t = time.perf_counter()
-        if isinstance(q, MmDictQuantizer):
-            q.fit(x_fit, progress=progress)
-        else:
-            q.fit(x_fit)
+        q.fit(x_fit, progress=progress)
         fit_s = time.perf_counter() - t
         q.encode(x_held[:256])  # warm-up
         t = time.perf_counter()
@@ -79,7 +56,7 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
                   f"recall@10 {metrics['recall_at_10']:.4f}  tau {metrics['kendall_tau']:.4f}  "
                   f"util {metrics['utilization']:.3f}  fit {fit_s:.1f}s", flush=True)
         if name == "mmtok":
-            q.save(out / "mmtok_quantizer")
+            save_quantizer(q, out / "mmtok_quantizer")
     report = {
         "dataset": {"path": str(embeddings_path), "rows": n, "dim": emb.dim,
                     "fit_rows": len(fit_rows), "holdout_rows": len(held), "seed": seed,

@@ -1,7 +1,11 @@
-"""Embedding -> discrete IDs: quantizers behind one ``fit / encode / decode`` interface."""
+"""Embedding -> discrete IDs: quantizers behind one ``fit / encode / decode / save / load``
+interface, and the registry that builds, saves and loads them by kind."""
 
 from quantizer.base import Quantizer, encode_items, item_codes_frame, total_bits
 from quantizer.metrics import quantizer_metrics
+from quantizer.mmdict import MmDictConfig, MmDictQuantizer
+from quantizer.registry import (QUANTIZERS, build_quantizer, build_quantizers, load_quantizer,
+                                save_quantizer)
 from quantizer.residual_kmeans import (
     ResidualKMeansConfig,
     ResidualKMeansQuantizer,
@@ -10,5 +14,7 @@ from quantizer.residual_kmeans import (
 
 __all__ = [
     "Quantizer", "encode_items", "item_codes_frame", "total_bits", "quantizer_metrics",
-    "ResidualKMeansConfig", "ResidualKMeansQuantizer", "nearest_code",
+    "MmDictConfig", "MmDictQuantizer", "ResidualKMeansConfig", "ResidualKMeansQuantizer",
+    "nearest_code", "QUANTIZERS", "build_quantizer", "build_quantizers", "load_quantizer",
+    "save_quantizer",
 ]

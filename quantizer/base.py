@@ -1,11 +1,11 @@
-"""What every quantizer is: ``fit / encode / decode`` over (n, d) float32 matrices,
-plus the helpers that turn codes into the item-codes contract."""
+"""What every quantizer is: ``fit / encode / decode`` over (n, d) float32 matrices and
+``save / load`` without pickle, plus the helpers that turn codes into the item-codes contract."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -17,23 +17,42 @@ SCALE_NAMES = ("s", "m", "l", "xl", "xxl")
 
 @runtime_checkable
 class Quantizer(Protocol):
-    """The interface the ranker, the server and the benchmarks rely on.
+    """The interface the ranker, the server and the benchmarks rely on; every class in
+    ``quantizer.registry.QUANTIZERS`` implements it.
 
     ``code_names[j]`` names column j of ``encode``'s output (``code_<scale>_<level>``),
     and ``codebook_sizes[j]`` bounds its values: ``0 <= codes[:, j] < codebook_sizes[j]``.
+    ``kind`` names the class in ``quantizer.json``, so ``load_quantizer`` can dispatch.
+
+    Example::
+
+        q = build_quantizer("mmdict", seed=0).fit(x)   # x: (n, d) float32
+        codes = q.encode(x)                             # (n, len(q.code_names)) int64
+        q2 = load_quantizer(save_quantizer(q, "run/quantizer"))
+        assert (q2.encode(x) == codes).all()
     """
 
+    kind: ClassVar[str]
+    dim: int | None  # input width; None before fit
     code_names: list[str]
     codebook_sizes: list[int]
 
-    def fit(self, x: np.ndarray) -> "Quantizer":
-        """x: (n, d) float32. Returns self."""
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "Quantizer":
+        """x: (n, d) float32. ``progress`` shows a bar where fitting is slow. Returns self."""
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """x: (n, d) float32 -> codes (n, n_codes) int64."""
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
+        """x: (n, d) float32 -> codes (n, n_codes) int64. ``validate=False`` skips the
+        input check, for callers that checked ``x`` at their boundary."""
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes: (n, n_codes) int64 -> reconstructions (n, d) float32."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``quantizer.json`` and safetensors (no pickle); returns ``directory``."""
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Quantizer":
+        """The quantizer ``save`` wrote to ``directory``."""
 
 
 def scale_code_layout(scale_sizes: list[int], levels: int) -> tuple[list[str], list[int]]:
@@ -60,13 +79,18 @@ def write_quantizer_meta(directory: str | Path, meta: dict) -> Path:
     return directory
 
 
-def read_quantizer_meta(directory: str | Path, kind: str) -> dict:
-    """Reads ``quantizer.json`` and refuses a directory that holds another kind."""
+def read_quantizer_meta(directory: str | Path, kind: str | None = None) -> dict:
+    """Reads ``quantizer.json``; given ``kind``, refuses a directory that holds another."""
     path = Path(directory) / "quantizer.json"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{directory}: no quantizer.json - not a saved quantizer")
-    meta = json.loads(path.read_text())
-    if meta.get("kind") != kind:
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {kind!r}")
     return meta
 
@@ -82,7 +106,13 @@ def check_input(x: np.ndarray, dim: int | None = None, *, what: str = "x") -> np
         raise ValueError(f"{what}: expected an (n, d) matrix, got shape {x.shape}")
     if x.shape[0] == 0:
         raise ValueError(f"{what}: empty input (0 rows)")
-    x = validate_embedding_matrix(x, what, expected_dim=dim)
+    return as_rows(validate_embedding_matrix(x, what, expected_dim=dim))
+
+
+def as_rows(x: np.ndarray) -> np.ndarray:
+    """(n, d) float32, writable and C-contiguous, copied only when it is not: what
+    ``encode(..., validate=False)`` does instead of ``check_input``."""
+    x = np.asarray(x, dtype=np.float32)
     # torch.from_numpy needs a writable buffer; arrays read from parquet may be read-only.
     return x if x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C")
 

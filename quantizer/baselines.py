@@ -10,13 +10,21 @@ interface, so their IDs feed the ranker exactly as mmtok's do.
 
 faiss packs codes into bit strings; ``unpack_codes`` / ``pack_codes`` turn them into one
 int64 column per level and back (LSB first, faiss' BitstringWriter order).
+
+Each saves as every quantizer does, without pickle: its constructor arguments in
+``quantizer.json``, its fitted arrays in ``state.safetensors`` (a faiss index as the
+uint8 bytes of ``faiss.serialize_index``).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from quantizer.base import check_codes, check_input
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from quantizer.base import (as_rows, check_codes, check_input, read_quantizer_meta,
+                            write_quantizer_meta)
 
 
 def unpack_codes(packed: np.ndarray, nbits: list[int]) -> np.ndarray:
@@ -50,40 +58,103 @@ def _log2_exact(k: int) -> int:
     return nb
 
 
-class FaissRQ:
+class _SavedBaseline:
+    """``save`` / ``load`` for the baselines: ``_config()`` is what the constructor takes,
+    ``_state()`` / ``_restore()`` the fitted arrays."""
+
+    kind: str
+    dim: int | None
+
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        if self.dim is None:
+            raise RuntimeError(f"{self.kind} quantizer is not fitted: call fit(x) or "
+                               "load(dir) first")
+
+    def save(self, directory: str | Path) -> Path:
+        self._check_fitted()
+        directory = write_quantizer_meta(
+            directory, {"kind": self.kind, "dim": self.dim, "config": self._config()})
+        save_file(self._state(), str(directory / "state.safetensors"))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        meta = read_quantizer_meta(directory, cls.kind)
+        quantizer = cls(**meta["config"])
+        quantizer._restore(load_file(str(Path(directory) / "state.safetensors")))
+        quantizer.dim = int(meta["dim"])
+        return quantizer
+
+
+def _serialize(index) -> np.ndarray:
+    import faiss
+
+    return faiss.serialize_index(index)  # (n_bytes,) uint8
+
+
+def _deserialize(blob: np.ndarray):
+    import faiss
+
+    return faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+
+
+class FaissRQ(_SavedBaseline):
     kind = "faiss_rq"
 
     def __init__(self, codebook_sizes: list[int], *, beam_size: int = 5, name: str = "rq") -> None:
         self.nbits = [_log2_exact(k) for k in codebook_sizes]
         self.codebook_sizes = list(codebook_sizes)
         self.code_names = [f"code_{name}_{j}" for j in range(len(codebook_sizes))]
-        self.beam_size = beam_size
-        self.index = None
+        self.beam_size, self.name = beam_size, name
+        self.index = None  # faiss.IndexResidualQuantizer; its .rq encodes and decodes
         self.dim = None
 
-    def fit(self, x: np.ndarray) -> "FaissRQ":
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "FaissRQ":
+        """x: (n, d) float32. ``progress`` is accepted for interface parity."""
         import faiss
 
         x = check_input(x)
-        self.dim = x.shape[1]
         nbits = faiss.UInt64Vector()
         for nb in self.nbits:
             nbits.push_back(nb)
-        self.index = faiss.ResidualQuantizer(self.dim, nbits)
-        self.index.max_beam_size = self.beam_size
-        self.index.train(x)
+        # The index only carries the quantizer, so that faiss can serialize it.
+        index = faiss.IndexResidualQuantizer(x.shape[1], nbits)
+        index.rq.max_beam_size = self.beam_size
+        index.train(x)
+        self.index, self.dim = index, x.shape[1]
         return self
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.dim)
-        return unpack_codes(self.index.compute_codes(x), self.nbits)
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
+        self._check_fitted()
+        x = check_input(x, self.dim) if validate else as_rows(x)
+        return unpack_codes(self.index.rq.compute_codes(x), self.nbits)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
+        self._check_fitted()
         codes = check_codes(codes, self.codebook_sizes)
-        return self.index.decode(pack_codes(codes, self.nbits))
+        return self.index.rq.decode(pack_codes(codes, self.nbits))
+
+    def _config(self) -> dict:
+        return {"codebook_sizes": self.codebook_sizes, "beam_size": self.beam_size,
+                "name": self.name}
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"index": _serialize(self.index)}
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        self.index = _deserialize(state["index"])
 
 
-class FaissPQ:
+class FaissPQ(_SavedBaseline):
     """faiss PQ with ``n_sub`` sub-quantizers of ``2**nbits`` codes; the input is
     zero-padded to a multiple of ``n_sub`` when needed."""
 
@@ -92,73 +163,98 @@ class FaissPQ:
     def __init__(self, total_bits: int, *, nbits: int = 6) -> None:
         if total_bits % nbits:
             raise ValueError(f"PQ: total bits {total_bits} must be a multiple of nbits {nbits}")
+        self.total_bits = total_bits
         self.n_sub = total_bits // nbits
         self.nbits = [nbits] * self.n_sub
         self.codebook_sizes = [1 << nbits] * self.n_sub
         self.code_names = [f"code_pq_{j}" for j in range(self.n_sub)]
-        self.pq = None
+        self.index = None  # faiss.IndexPQ; its .pq encodes and decodes
         self.dim = None
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
-        padded = -(-self.dim // self.n_sub) * self.n_sub
-        if padded == self.dim:
+        dim = x.shape[1]
+        padded = -(-dim // self.n_sub) * self.n_sub
+        if padded == dim:
             return x
-        return np.ascontiguousarray(np.pad(x, ((0, 0), (0, padded - self.dim))))
+        return np.ascontiguousarray(np.pad(x, ((0, 0), (0, padded - dim))))
 
-    def fit(self, x: np.ndarray) -> "FaissPQ":
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "FaissPQ":
+        """x: (n, d) float32. ``progress`` is accepted for interface parity."""
         import faiss
 
         x = check_input(x)
-        self.dim = x.shape[1]
         xp = self._pad(x)
-        self.pq = faiss.ProductQuantizer(xp.shape[1], self.n_sub, self.nbits[0])
-        self.pq.train(xp)
+        index = faiss.IndexPQ(xp.shape[1], self.n_sub, self.nbits[0])
+        index.train(xp)
+        self.index, self.dim = index, x.shape[1]
         return self
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.dim)
-        return unpack_codes(self.pq.compute_codes(self._pad(x)), self.nbits)
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
+        self._check_fitted()
+        x = check_input(x, self.dim) if validate else as_rows(x)
+        return unpack_codes(self.index.pq.compute_codes(self._pad(x)), self.nbits)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
+        self._check_fitted()
         codes = check_codes(codes, self.codebook_sizes)
-        return self.pq.decode(pack_codes(codes, self.nbits))[:, : self.dim]
+        return self.index.pq.decode(pack_codes(codes, self.nbits))[:, : self.dim]
+
+    def _config(self) -> dict:
+        return {"total_bits": self.total_bits, "nbits": self.nbits[0]}
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"index": _serialize(self.index)}
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        self.index = _deserialize(state["index"])
 
 
-class KMeansQuantizer:
+class KMeansQuantizer(_SavedBaseline):
     kind = "kmeans"
 
     def __init__(self, k: int, *, seed: int = 0, iters: int = 25) -> None:
         self.codebook_sizes = [k]
         self.code_names = ["code_km_0"]
         self.seed, self.iters = seed, iters
-        self.centroids = None
+        self.centroids = None  # (k, d) float32
         self.dim = None
 
-    def fit(self, x: np.ndarray) -> "KMeansQuantizer":
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "KMeansQuantizer":
+        """x: (n, d) float32. ``progress`` is accepted for interface parity."""
         import faiss
 
         x = check_input(x)
-        self.dim = x.shape[1]
-        km = faiss.Kmeans(self.dim, self.codebook_sizes[0], niter=self.iters, seed=self.seed,
+        km = faiss.Kmeans(x.shape[1], self.codebook_sizes[0], niter=self.iters, seed=self.seed,
                           min_points_per_centroid=1)
         km.train(x)
-        self.centroids = km.centroids.astype(np.float32)
+        self.centroids, self.dim = km.centroids.astype(np.float32), x.shape[1]
         return self
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
         import faiss
 
-        x = check_input(x, self.dim)
+        self._check_fitted()
+        x = check_input(x, self.dim) if validate else as_rows(x)
         index = faiss.IndexFlatL2(self.dim)
         index.add(self.centroids)
         return index.search(x, 1)[1].astype(np.int64)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
+        self._check_fitted()
         codes = check_codes(codes, self.codebook_sizes)
         return self.centroids[codes[:, 0]]
 
+    def _config(self) -> dict:
+        return {"k": self.codebook_sizes[0], "seed": self.seed, "iters": self.iters}
 
-class LSHQuantizer:
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"centroids": self.centroids}
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        self.centroids = state["centroids"]
+
+
+class LSHQuantizer(_SavedBaseline):
     """Sign random projections (SimHash), ``bits_per_code`` bits per ID."""
 
     kind = "lsh"
@@ -170,30 +266,43 @@ class LSHQuantizer:
         n_codes = total_bits // bits_per_code
         self.codebook_sizes = [1 << bits_per_code] * n_codes
         self.code_names = [f"code_lsh_{j}" for j in range(n_codes)]
-        self.planes = self.back = self.mean = None
+        self.planes = self.back = self.mean = None  # (d, bits), (bits, d), (d,) float32
         self.dim = None
 
     def _signs(self, x: np.ndarray) -> np.ndarray:
         return np.where((x - self.mean) @ self.planes > 0, 1.0, -1.0).astype(np.float32)
 
-    def fit(self, x: np.ndarray) -> "LSHQuantizer":
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "LSHQuantizer":
+        """x: (n, d) float32. ``progress`` is accepted for interface parity."""
         x = check_input(x)
-        self.dim = x.shape[1]
         rng = np.random.default_rng(self.seed)
-        self.planes = rng.normal(size=(self.dim, self.total_bits)).astype(np.float32)
+        self.planes = rng.normal(size=(x.shape[1], self.total_bits)).astype(np.float32)
         self.mean = x.mean(0)
         signs = self._signs(x)
         # least-squares decoder: signs (n, bits) -> centred vectors (n, d)
         self.back = np.linalg.lstsq(signs, x - self.mean, rcond=None)[0].astype(np.float32)
+        self.dim = x.shape[1]
         return self
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        x = check_input(x, self.dim)
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
+        self._check_fitted()
+        x = check_input(x, self.dim) if validate else as_rows(x)
         bits = (self._signs(x) > 0).astype(np.int64).reshape(len(x), -1, self.bits_per_code)
         return bits @ (1 << np.arange(self.bits_per_code, dtype=np.int64))  # (n, n_codes)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
+        self._check_fitted()
         codes = check_codes(codes, self.codebook_sizes)
         bits = (codes[:, :, None] >> np.arange(self.bits_per_code)) & 1  # (n, C, b)
         signs = np.where(bits.reshape(len(codes), -1) > 0, 1.0, -1.0).astype(np.float32)
         return signs @ self.back + self.mean
+
+    def _config(self) -> dict:
+        return {"total_bits": self.total_bits, "bits_per_code": self.bits_per_code,
+                "seed": self.seed}
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"planes": self.planes, "back": self.back, "mean": self.mean}
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        self.planes, self.back, self.mean = state["planes"], state["back"], state["mean"]

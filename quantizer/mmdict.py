@@ -44,8 +44,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kernels import build_encode_tables, multiscale_encode
-from quantizer.base import (check_codes, check_input, read_quantizer_meta, scale_code_layout,
-                            write_quantizer_meta)
+from quantizer.base import (as_rows, check_codes, check_input, read_quantizer_meta,
+                            scale_code_layout, write_quantizer_meta)
 from quantizer.residual_kmeans import nearest_code
 
 
@@ -381,7 +381,8 @@ class MmDictQuantizer:
         flat = torch.from_numpy(faiss.vector_to_array(rq.codebooks).reshape(-1, z.shape[1]).copy())
         return list(torch.split(flat, sizes))
 
-    def fit(self, x: np.ndarray, *, progress: bool = True) -> "MmDictQuantizer":
+    def fit(self, x: np.ndarray, *, progress: bool = False) -> "MmDictQuantizer":
+        """x: (n, d) float32, at least ``max(scale_sizes)`` rows. ``progress``: a bar per step."""
         x_np = check_input(x)
         cfg = self.config
         if len(x_np) < max(cfg.scale_sizes):
@@ -475,8 +476,9 @@ class MmDictQuantizer:
             raise RuntimeError("quantizer is not fitted: call fit(x) or load(dir) first")
 
     @torch.no_grad()
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """x: (n, d) float32 -> codes (n, J) int64, in batches of ``encode_batch_size``.
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
+        """x: (n, d) float32 -> codes (n, J) int64, in batches of ``encode_batch_size``;
+        ``validate=False`` trusts a caller that checked ``x`` at its boundary.
 
         Beam 1 runs the fused multi-scale encode op (``kernels.multiscale_encode``: the
         Triton kernel on a GPU, the fast CPU path otherwise), the encoder's projection
@@ -484,7 +486,7 @@ class MmDictQuantizer:
         ``search_codes`` in torch (the op's contract is greedy search).
         """
         self._check_fitted()
-        x = check_input(x, self.dim)
+        x = check_input(x, self.dim) if validate else as_rows(x)
         net = self.net.eval()
         cfg = self.config
         out = np.empty((len(x), net.n_codes), dtype=np.int64)

@@ -16,9 +16,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from kernels import build_encode_tables, multiscale_encode
-from quantizer.base import (SCALE_NAMES, check_codes, check_input, read_quantizer_meta,
-                            scale_code_layout,
-                            write_quantizer_meta)
+from quantizer.base import (SCALE_NAMES, as_rows, check_codes, check_input,
+                            read_quantizer_meta, scale_code_layout, write_quantizer_meta)
 
 
 @dataclass
@@ -96,11 +95,12 @@ class ResidualKMeansQuantizer:
         if not self.codebooks:
             raise RuntimeError("quantizer is not fitted: call fit(x) or load(dir) first")
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
         """x: (n, d) float32 -> (n, J) int64 through ``kernels.multiscale_encode``
-        (parallel scales; the Triton kernel on a GPU, the fast CPU path otherwise)."""
+        (parallel scales; the Triton kernel on a GPU, the fast CPU path otherwise).
+        ``validate=False`` trusts a caller that checked ``x`` at its boundary."""
         self._check_fitted()
-        x = check_input(x, self.dim)
+        x = check_input(x, self.dim) if validate else as_rows(x)
         cfg = self.config
         codes = np.empty((len(x), len(self.codebooks)), dtype=np.int64)
         books = [[torch.from_numpy(self.codebooks[s * cfg.levels + level])

@@ -125,8 +125,8 @@ def test_faiss_code_unpacking_round_trips(clustered_embeddings):
     codes = rq.encode(clustered_embeddings[:50])
     assert codes.shape == (50, 3) and (codes.max(0) < [4, 16, 64]).all()
     # our unpacked codes decode to what faiss decodes from its own packed codes
-    packed = rq.index.compute_codes(clustered_embeddings[:50])
-    np.testing.assert_allclose(rq.decode(codes), rq.index.decode(packed), atol=1e-6)
+    packed = rq.index.rq.compute_codes(clustered_embeddings[:50])
+    np.testing.assert_allclose(rq.decode(codes), rq.index.rq.decode(packed), atol=1e-6)
 
 
 def test_beam_search_never_loses_to_greedy(clustered_embeddings):

@@ -1,0 +1,80 @@
+"""The one quantizer registry: ``kind`` -> class, how to build one, save it and load it back.
+
+A saved quantizer is a directory whose ``quantizer.json`` names its ``kind``;
+``load_quantizer`` reads it and hands the directory to that class's ``load``, so the
+ranker bundle, the server and the benchmarks never branch on a quantizer's class.
+
+Example::
+
+    q = build_quantizer("mmdict", seed=0, scale_sizes=[16, 64, 256]).fit(x)
+    directory = save_quantizer(q, "runs/x/quantizer")
+    assert (load_quantizer(directory).encode(x) == q.encode(x)).all()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantizer.base import Quantizer, read_quantizer_meta, total_bits
+from quantizer.baselines import FaissPQ, FaissRQ, KMeansQuantizer, LSHQuantizer
+from quantizer.mmdict import MmDictConfig, MmDictQuantizer
+from quantizer.residual_kmeans import ResidualKMeansConfig, ResidualKMeansQuantizer
+
+QUANTIZERS: dict[str, type] = {
+    cls.kind: cls for cls in (MmDictQuantizer, ResidualKMeansQuantizer,
+                              FaissRQ, FaissPQ, KMeansQuantizer, LSHQuantizer)
+}
+
+
+def load_quantizer(directory: str | Path) -> Quantizer:
+    """The quantizer saved in ``directory``, whatever its kind.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no ``quantizer.json``.
+        ValueError: ``quantizer.json`` is unreadable or names an unknown kind.
+    """
+    meta = read_quantizer_meta(directory)
+    kind = meta.get("kind")
+    if kind not in QUANTIZERS:
+        raise ValueError(f"{directory}: quantizer kind {kind!r} is unknown; known kinds: "
+                         f"{', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[kind].load(directory)
+
+
+def save_quantizer(quantizer: Quantizer, directory: str | Path) -> Path:
+    """Saves a fitted quantizer (``quantizer.json`` + safetensors); returns ``directory``."""
+    return quantizer.save(directory)
+
+
+def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
+                    scale_sizes: list[int] | None = None, levels: int | None = None
+                    ) -> MmDictQuantizer | ResidualKMeansQuantizer:
+    """An unfitted quantizer by its command-line name: "mmdict" (the learned one) or
+    "rq-kmeans" (parallel residual k-means scales, the simple baseline). Unset
+    arguments keep the config's defaults; ``q.config`` holds the result."""
+    layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items()
+              if v is not None}
+    if kind == "mmdict":
+        return MmDictQuantizer(MmDictConfig(seed=seed, **layout,
+                                            **({"steps": steps} if steps else {})))
+    if kind == "rq-kmeans":
+        return ResidualKMeansQuantizer(ResidualKMeansConfig(seed=seed, **layout))
+    raise ValueError(f"unknown quantizer {kind!r}: choose 'mmdict' or 'rq-kmeans'")
+
+
+def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None
+                     ) -> dict[str, Quantizer]:
+    """mmtok and the baselines at the same total bits, unfitted, keyed "mmtok",
+    "faiss_rq", "faiss_pq", "kmeans", "lsh" (k-means: one codebook of the largest size)."""
+    mmtok = build_quantizer("mmdict", seed=seed, steps=steps, scale_sizes=scale_sizes,
+                            levels=levels)
+    bits = int(round(total_bits(mmtok.codebook_sizes)))
+    pq_bits = next((b for b in (8, 6, 4, 3, 2, 1) if bits % b == 0))
+    lsh_bits = next((b for b in (6, 4, 3, 2, 1) if bits % b == 0))
+    return {
+        "mmtok": mmtok,
+        "faiss_rq": FaissRQ(mmtok.codebook_sizes),
+        "faiss_pq": FaissPQ(bits, nbits=pq_bits),
+        "kmeans": KMeansQuantizer(max(scale_sizes), seed=seed),
+        "lsh": LSHQuantizer(bits, bits_per_code=lsh_bits, seed=seed),
+    }
