@@ -8,6 +8,7 @@ directory that loads without pickle.
       tables.safetensors   id vocabularies, dense-context standardization, and the
                            known items' content (item ids, content codes / vectors)
       quantizer/           the quantizer that made the codes, in its own save format
+                           (absent when the model reads only the dense embedding)
 
 A candidate whose item is in the content table is scored with the table's codes, as
 offline; an unknown item (a brand-new ad) must bring its embedding, which the
@@ -28,6 +29,8 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from mmdata.contracts import validate_embedding_matrix
+from quantizer import Quantizer, load_quantizer, save_quantizer
 from ranker.features import FeatureEncoder, ItemContent
 from ranker.model import RankerConfig, RankingModel
 
@@ -35,13 +38,9 @@ BUNDLE_FORMAT = "mmtok-servable-model"
 # 2: content IDs as multi-hot bag features over stacked tables (one per interaction slot).
 BUNDLE_FORMAT_VERSION = 2
 MANIFEST = "bundle.json"
-
-
-def _quantizer_classes() -> dict:
-    from quantizer.mmdict import MmDictQuantizer
-    from quantizer.residual_kmeans import ResidualKMeansQuantizer
-
-    return {cls.kind: cls for cls in (ResidualKMeansQuantizer, MmDictQuantizer)}
+# The content row of a candidate whose item has none: a brand-new ad, whose content
+# comes from the embedding it brings.
+NEW_ITEM = -1
 
 
 def _sha256(data: bytes) -> str:
@@ -60,7 +59,8 @@ class ServableModel:
         model: the trained ranker (put in eval mode).
         features: the ``FeatureEncoder`` it was trained with, over the known items' content.
         config: its architecture.
-        quantizer: tokenizes brand-new ads; required when the model reads content.
+        quantizer: tokenizes brand-new ads; required when the model reads content IDs or
+            reconstructions (a model that reads only the dense embedding needs none).
         content_vectors: what the model's dense content input is: ``"embedding"`` (the
             item's embedding), ``"recon"`` (``decode(encode(embedding))``) or None.
         model_version: names this model in every response; set by ``save``.
@@ -69,13 +69,13 @@ class ServableModel:
 
         ServableModel(trained.model, features, config, quantizer=q).save("runs/x/model")
         served = ServableModel.load("runs/x/model")
-        probs = served.score_candidates(events, new_embeddings)  # (n,) float32
+        probs = served.score_events(events, new_embeddings)  # (n,) float32
     """
 
     model: RankingModel
     features: FeatureEncoder
     config: RankerConfig
-    quantizer: object | None = None
+    quantizer: Quantizer | None = None
     content_vectors: str | None = None
     model_version: str = ""
 
@@ -88,12 +88,16 @@ class ServableModel:
         if self.content_vectors not in (None, "embedding", "recon"):
             raise ValueError(f"content_vectors must be None, 'embedding' or 'recon', "
                              f"got {self.content_vectors!r}")
-        if self.needs_content and self.quantizer is None:
-            raise ValueError("a model that reads item content needs the quantizer that "
-                             "tokenizes new items")
+        if self.needs_quantizer and self.quantizer is None:
+            raise ValueError("a model that reads content IDs or reconstructions needs the "
+                             "quantizer that tokenizes new items")
         if f.use_codes and list(self.quantizer.code_names) != list(f.content.code_names):
             raise ValueError(f"quantizer codes {self.quantizer.code_names} differ from the "
                              f"model's {f.content.code_names}")
+        if f.use_dense_content and self.quantizer is not None and \
+                self.quantizer.dim != f.content.vectors.shape[1]:
+            raise ValueError(f"the quantizer takes {self.quantizer.dim}-wide embeddings, the "
+                             f"content vectors are {f.content.vectors.shape[1]} wide")
 
     @property
     def needs_content(self) -> bool:
@@ -101,28 +105,42 @@ class ServableModel:
         return self.features.use_codes or self.features.use_dense_content
 
     @property
+    def needs_quantizer(self) -> bool:
+        """Whether scoring a new item takes the quantizer (content IDs or reconstructions)."""
+        return self.features.use_codes or self.content_vectors == "recon"
+
+    @property
     def embedding_dim(self) -> int | None:
-        """Width of the embeddings the quantizer takes (None without a quantizer)."""
+        """Width of a new item's embedding: the content vectors' for a dense-content
+        model, else the quantizer's input (None when there is neither)."""
+        if self.features.use_dense_content:
+            return int(self.features.content.vectors.shape[1])
         return None if self.quantizer is None else int(self.quantizer.dim)
 
-    def known_items(self, item_ids: np.ndarray) -> np.ndarray:
-        """(n,) bool: the item has a row in the content table."""
-        return self.features.content.find(item_ids)[1]
+    def content_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """(n,) int64: each item's row in the content table, ``NEW_ITEM`` if it has none."""
+        rows, found = self.features.content.find(item_ids)
+        return np.where(found, rows, NEW_ITEM)
 
     def tokenize(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, d) float32 -> (n, c) int64 content codes."""
-        return self.quantizer.encode(embeddings)
+        """(n, d) float32 checked embeddings (width, finite) -> (n, c) int64 content codes."""
+        return self.quantizer.encode(embeddings, validate=False)
 
     @torch.inference_mode()
-    def score_candidates(self, events: pl.DataFrame, new_embeddings: np.ndarray | None
-                         ) -> np.ndarray:
-        """Click probabilities for events, in one forward pass.
+    def score_candidates(self, events: pl.DataFrame, content_row: np.ndarray,
+                         new_embeddings: np.ndarray) -> np.ndarray:
+        """Click probabilities for checked candidates, in one forward pass. Nothing is
+        looked up or checked again: ``mmtok.serving.requests`` did that (offline,
+        ``score_events`` does).
 
         Args:
             events: (n rows) ``user_id``, ``item_id`` and the model's ``cat_*`` /
                 ``dense_*`` context columns, as in the events contract.
-            new_embeddings: (m, d) float32, the embeddings of the rows whose item is
-                not in the content table, in row order (m may be 0).
+            content_row: (n,) int64 each candidate's row in the content table
+                (``content_rows``), ``NEW_ITEM`` for an item without one.
+            new_embeddings: (m, d) float32 finite embeddings of the ``NEW_ITEM``
+                candidates, in candidate order (m may be 0; a model that reads no
+                content ignores them).
 
         Returns:
             (n,) float32 probabilities, the numbers ``ranker.predict`` gives offline
@@ -130,30 +148,55 @@ class ServableModel:
         """
         f = self.features
         n = events.height
-        rows, known = f.content.find(events["item_id"].to_numpy())
-        new = ~known
-        codes = vectors = None
+        encoded = f.encode(events, content_row=content_row)  # id rows and context, as offline
+        new = content_row == NEW_ITEM
+        known_rows = content_row[~new]
+        any_new = self.needs_content and bool(new.any())
+        new_codes = self.quantizer.encode(new_embeddings, validate=False) \
+            if any_new and self.needs_quantizer else None  # (m, c)
+        content = vectors = None
         if f.use_codes:
-            codes = np.empty((n, len(f.content.code_names)), dtype=np.int64)  # (n, C)
-            codes[known] = f.content.codes[rows[known]]
-        if f.use_dense_content:
-            vectors = np.empty((n, f.content.vectors.shape[1]), dtype=np.float32)  # (n, D)
-            vectors[known] = f.content.vectors[rows[known]]
-        if new.any() and self.needs_content:
-            new_codes = self.quantizer.encode(new_embeddings)  # (m, C)
-            if codes is not None:
+            codes = np.empty((n, len(f.content.code_names)), dtype=np.int64)  # (n, c)
+            codes[~new] = f.content.codes[known_rows]
+            if any_new:
                 codes[new] = new_codes
-            if vectors is not None:
-                vectors[new] = new_embeddings if self.content_vectors == "embedding" \
+            content = f.content_features(codes)
+        if f.use_dense_content:
+            dense_content = np.empty((n, self.embedding_dim), dtype=np.float32)  # (n, d)
+            dense_content[~new] = f.content.vectors[known_rows]
+            if any_new:
+                dense_content[new] = new_embeddings if self.content_vectors == "embedding" \
                     else self.quantizer.decode(new_codes)
-        # One content row per candidate: offline code path, request-local content.
-        content = ItemContent(events["item_id"].to_numpy(), vectors=vectors, codes=codes,
-                              code_names=list(f.content.code_names),
-                              codebook_sizes=list(f.content.codebook_sizes))
-        view = f.with_content(content)
-        encoded = view.encode(events, content_row=np.arange(n))
-        dense, kjt, _ = view.batch(encoded, torch.arange(n))
+            vectors = torch.from_numpy(dense_content)
+        dense, kjt = f.model_inputs(encoded.sparse, encoded.dense_ctx, content, vectors)
         return torch.sigmoid(self.model(dense, kjt)).numpy()
+
+    def score_events(self, events: pl.DataFrame, new_embeddings: np.ndarray | None = None
+                     ) -> np.ndarray:
+        """``score_candidates`` for an events frame, offline: looks the items up and
+        checks the new items' embeddings itself.
+
+        Args:
+            events: (n rows) as in ``score_candidates``.
+            new_embeddings: (m, d) float32 embeddings of the rows whose item is not in
+                the content table, in row order; None if there is none (or the model
+                reads no content).
+
+        Returns:
+            (n,) float32 probabilities.
+        """
+        content_row = self.content_rows(events["item_id"].to_numpy())
+        m = int((content_row == NEW_ITEM).sum()) if self.needs_content else 0
+        given = 0 if new_embeddings is None else len(new_embeddings)
+        if self.needs_content and given != m:
+            raise ValueError(f"{m} events' items have no row in the content table: pass "
+                             f"their {m} embeddings, got {given}")
+        if m == 0:
+            new_embeddings = np.zeros((0, self.embedding_dim or 0), dtype=np.float32)
+        else:
+            new_embeddings = validate_embedding_matrix(np.asarray(new_embeddings), "new_embeddings",
+                                                       expected_dim=self.embedding_dim)
+        return self.score_candidates(events, content_row, new_embeddings)
 
     # ---------------------------------------------------------------- save / load
 
@@ -184,7 +227,7 @@ class ServableModel:
             (directory / fname).write_bytes(data)
         hashes = {fname: _sha256(data) for fname, data in files.items()}
         if self.quantizer is not None:
-            qdir = self.quantizer.save(directory / "quantizer")
+            qdir = save_quantizer(self.quantizer, directory / "quantizer")
             for path in sorted(qdir.iterdir()):
                 hashes[f"quantizer/{path.name}"] = _sha256(path.read_bytes())
         digest = _sha256(json.dumps(hashes, sort_keys=True).encode())
@@ -264,12 +307,10 @@ class ServableModel:
         quantizer = None
         if manifest["quantizer"] is not None:
             qdir = directory / manifest["quantizer"]
-            kind = json.loads((qdir / "quantizer.json").read_text()).get("kind")
-            classes = _quantizer_classes()
-            if kind not in classes:
-                raise BundleError(f"{qdir}: quantizer kind {kind!r} cannot be served "
-                                  f"(choose from {sorted(classes)})")
-            quantizer = classes[kind].load(qdir)
+            try:
+                quantizer = load_quantizer(qdir)
+            except Exception as exc:  # each kind's load (safetensors, faiss) raises its own types
+                raise BundleError(f"{qdir}: cannot load the quantizer: {exc}") from exc
         return cls(model=model, features=features, config=config, quantizer=quantizer,
                    content_vectors=manifest["content_vectors"],
                    model_version=manifest["model_version"])

@@ -15,7 +15,6 @@ KJT laid out feature-major, each example's bag contiguous::
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +121,24 @@ class EncodedEvents:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass
+class ContentColumns:
+    """Items' content IDs as the model reads them, one row per item (see
+    ``FeatureEncoder.content_features``).
+
+    Args:
+        bags: (n, K) int64 rows in the bags' stacked tables, bag after bag (K: the
+            content-ID columns, codes then n-grams, over all bags).
+        cross: (n,) int64 the user-crossed column's value row, or None without a cross.
+    """
+
+    bags: torch.Tensor
+    cross: torch.Tensor | None = None
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> "ContentColumns":
+        return ContentColumns(self.bags[rows], None if self.cross is None else self.cross[rows])
 
 
 NGRAM_BUCKETS = 1 << 20
@@ -279,17 +296,19 @@ class FeatureEncoder:
                 np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
         self.code_vocabs: dict[str, IdVocab] = {}
         if use_codes and min_code_items > 1:
-            names, _, codes = self._content_codes(content)
+            names, _, ids = self._content_ids(content.codes, content.code_names,
+                                              content.codebook_sizes)
             rows, found = content.find(self.vocabs["item_id"].ids)
             trained = np.unique(rows[found])  # content rows of the items training saw
-            self.code_vocabs = {name: IdVocab.fit(codes[trained, j], min_count=min_code_items)
+            self.code_vocabs = {name: IdVocab.fit(ids[trained, j], min_count=min_code_items)
                                 for j, name in enumerate(names)}
         self._set_content(content)
 
-    def _content_codes(self, content: ItemContent) -> tuple[list[str], list[int], np.ndarray]:
-        """Code feature names, their sizes and raw values (n, C) per content row, n-grams
-        included."""
-        names, sizes, codes = list(content.code_names), list(content.codebook_sizes), content.codes
+    def _content_ids(self, codes: np.ndarray, code_names: list[str], codebook_sizes: list[int]
+                     ) -> tuple[list[str], list[int], np.ndarray]:
+        """Content-ID column names, their value counts and raw values (n, C): the codes
+        (n, c), then each scale's prefix n-grams when the encoder reads them."""
+        names, sizes = list(code_names), list(codebook_sizes)
         if self.prefix_ngrams:
             ngram_names, ngram_sizes, ngrams = prefix_ngram_codes(codes, names, sizes)
             names, sizes = names + ngram_names, sizes + ngram_sizes
@@ -297,40 +316,71 @@ class FeatureEncoder:
         return names, sizes, codes
 
     def _set_content(self, content: ItemContent) -> None:
+        """Lays the sparse features out and precomputes the known items' content
+        columns (``content_features`` of every row of ``content``)."""
         self.content = content
         self.id_names = list(self.vocabs)  # user_id, item_id, cat_*
         # The content IDs, one column each (codes, then n-grams), and their table sizes.
         self.code_names, self.code_sizes = [], []
         self.bag_names, self.bag_sizes, self._bag_lengths = [], [], []
-        self._codes = None  # (n, C) rows in the bags' stacked tables, bag by bag
+        self._bag_layout: list[tuple[list[int], np.ndarray]] = []  # (columns, table offsets)
         if self.use_codes:
-            self.code_names, self.code_sizes, codes = self._content_codes(content)
-            if self.code_vocabs:  # pruned: value -> row, rare values -> row 0
-                codes = np.stack([self.code_vocabs[name].rows(codes[:, j])
-                                  for j, name in enumerate(self.code_names)], axis=1)
+            self.code_names, self.code_sizes, _ = self._content_ids(
+                np.zeros((0, len(content.code_names)), np.int64), content.code_names,
+                content.codebook_sizes)
+            if self.code_vocabs:  # pruned: rare values share row 0
                 self.code_sizes = [self.code_vocabs[n].num_embeddings for n in self.code_names]
-            bag_columns = []
             for name, cols in content_bags(self.code_names, self.code_pooling):
                 sizes = np.array([self.code_sizes[j] for j in cols], dtype=np.int64)
                 offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each ID's rows
-                bag_columns.append(codes[:, cols] + offsets)
+                self._bag_layout.append((cols, offsets))
                 self.bag_names.append(name)
                 self.bag_sizes.append(int(sizes.sum()))
                 self._bag_lengths.append(len(cols))
-            self._codes = torch.from_numpy(np.ascontiguousarray(
-                np.concatenate(bag_columns, 1) if bag_columns else codes))
         # The (user, content ID) cross: row = user row * values + value (hashed into
         # NGRAM_BUCKETS rows past that).
-        self.cross_names, self.cross_sizes, self._cross_codes = [], [], None
+        self.cross_names, self.cross_sizes = [], []
         if self.user_cross is not None:
-            j = self.code_names.index(self.user_cross)
+            self._cross_column = self.code_names.index(self.user_cross)
+            self._cross_values = self.code_sizes[self._cross_column]
             self.cross_names = [f"user_x_{self.user_cross}"]
-            self.cross_sizes = [min(self.vocabs["user_id"].num_embeddings * self.code_sizes[j],
+            self.cross_sizes = [min(self.vocabs["user_id"].num_embeddings * self._cross_values,
                                     NGRAM_BUCKETS)]
-            self._cross_values = self.code_sizes[j]
-            self._cross_codes = torch.from_numpy(np.ascontiguousarray(codes[:, j]))
         self.sparse_names = self.id_names + self.bag_names + self.cross_names
+        # What a batch gathers by content row.
+        self._content_columns = self.content_features(content.codes) if self.use_codes else None
         self._vectors = torch.from_numpy(content.vectors) if self.use_dense_content else None
+
+    def content_features(self, codes: np.ndarray) -> ContentColumns:
+        """Items' content IDs as the model reads them, from their raw codes: prefix
+        n-grams added, rare values pruned to the out-of-vocabulary row, each bag's IDs
+        offset into its stacked table, and the user-crossed column's value row. It
+        builds the known items' table offline and a brand-new ad's row online, so the
+        two cannot drift. Needs ``use_codes``.
+
+        Args:
+            codes: (n, c) int64 raw code values, columns in ``content.code_names`` order
+                (what the quantizer's ``encode`` returns).
+
+        Returns:
+            ``ContentColumns``: bags (n, K) int64, cross (n,) int64 or None.
+
+        Example::
+
+            columns = features.content_features(quantizer.encode(new_embeddings))
+            dense, kjt = features.model_inputs(ids, dense_ctx, columns)
+        """
+        _, _, ids = self._content_ids(np.asarray(codes, dtype=np.int64), self.content.code_names,
+                                      self.content.codebook_sizes)  # (n, C) raw values
+        if self.code_vocabs:
+            ids = np.stack([self.code_vocabs[name].rows(ids[:, j])
+                            for j, name in enumerate(self.code_names)], axis=1)  # (n, C) rows
+        bags = [ids[:, cols] + offsets for cols, offsets in self._bag_layout]
+        bags = np.concatenate(bags, axis=1) if bags else np.zeros((len(ids), 0), np.int64)
+        cross = None
+        if self.user_cross is not None:
+            cross = torch.from_numpy(np.ascontiguousarray(ids[:, self._cross_column]))
+        return ContentColumns(torch.from_numpy(np.ascontiguousarray(bags)), cross)
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The fitted state without the item content: JSON-able settings and named arrays
@@ -365,14 +415,6 @@ class FeatureEncoder:
         encoder._set_content(content)
         return encoder
 
-    def with_content(self, content: ItemContent) -> "FeatureEncoder":
-        """The same fitted encoder over other items' content (shares the vocabularies).
-        The server scores a request through it with one content row per candidate, so a
-        brand-new ad goes through exactly the offline code path."""
-        view = copy.copy(self)
-        view._set_content(content)
-        return view
-
     @property
     def sparse_sizes(self) -> list[int]:
         """Embedding rows per sparse feature, in ``sparse_names`` order."""
@@ -389,7 +431,9 @@ class FeatureEncoder:
     def encode(self, events: pl.DataFrame, *, where: str = "events",
                content_row: np.ndarray | None = None) -> EncodedEvents:
         """``content_row``: each event's row in the content tables (default: looked up
-        by ``item_id``). Events to score need no ``label`` (it is 0 then)."""
+        by ``item_id``, every item must have one; the server passes the rows it looked
+        up and builds a brand-new ad's content itself). Events to score need no
+        ``label`` (it is 0 then)."""
         n = events.height
         sparse = np.stack([self.vocabs[name].rows(events[name].to_numpy())
                            for name in self.id_names], axis=1) if n else np.zeros((0, len(self.id_names)), np.int64)
@@ -415,30 +459,45 @@ class FeatureEncoder:
               drop_item_id: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
         """Gathers rows ``index`` (or all rows, ``slice(None)``, without a copy) into
-        ``(dense (B, Dd), kjt, labels (B,))``.
+        ``(dense (B, Dd), kjt, labels (B,))``, the content from the known items' tables.
         ``drop_item_id``: (B,) bool, examples whose item id becomes the OOV row."""
-        sparse = events.sparse[index]  # (B, F_ids)
+        ids = events.sparse[index]  # (B, F_ids)
         if drop_item_id is not None:
-            sparse = sparse.clone()
-            sparse[drop_item_id, 1] = OOV_ROW  # column 1 is item_id
+            ids = ids.clone()
+            ids[drop_item_id, 1] = OOV_ROW  # column 1 is item_id
         content_row = events.content_row[index]
-        columns = list(sparse.T)
-        if self._codes is not None:
-            codes = self._codes[content_row]  # (B, C), bag after bag
+        content = None if self._content_columns is None else self._content_columns[content_row]
+        vectors = None if self._vectors is None else self._vectors[content_row]
+        dense, kjt = self.model_inputs(ids, events.dense_ctx[index], content, vectors)
+        return dense, kjt, events.labels[index]
+
+    def model_inputs(self, ids: torch.Tensor, dense_ctx: torch.Tensor,
+                     content: ContentColumns | None = None, vectors: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+        """One batch's model inputs from its row-aligned parts: ``batch`` gathers them
+        from the tables, the server builds a request's content with ``content_features``.
+
+        Args:
+            ids: (B, F_ids) int64 embedding rows, columns in ``id_names`` order.
+            dense_ctx: (B, Dc) float32 standardized ``dense_*`` context.
+            content: (B rows) the items' ``content_features``; given iff ``use_codes``.
+            vectors: (B, D) float32 dense content; given iff ``use_dense_content``.
+
+        Returns:
+            ``(dense (B, Dd), kjt)``, the KJT's keys in ``sparse_names`` order.
+        """
+        columns = list(ids.T)
+        if content is not None:
             start = 0
             for k in self._bag_lengths:
-                columns.append(codes[:, start:start + k].reshape(-1))  # (B * k,) example-major
+                columns.append(content.bags[:, start:start + k].reshape(-1))  # (B * k,)
                 start += k
-        if self._cross_codes is not None:  # column 0 is user_id
-            columns.append((sparse[:, 0] * self._cross_values + self._cross_codes[content_row])
-                           % NGRAM_BUCKETS)
-        dense_parts = [events.dense_ctx[index]]
-        if self._vectors is not None:
-            dense_parts.append(self._vectors[content_row])
-        dense = torch.cat(dense_parts, dim=1)
+            if content.cross is not None:  # column 0 is user_id
+                columns.append((ids[:, 0] * self._cross_values + content.cross) % NGRAM_BUCKETS)
+        dense = torch.cat([dense_ctx] if vectors is None else [dense_ctx, vectors], dim=1)
         if dense.shape[1] == 0:
-            dense = torch.zeros(len(sparse), 1)
+            dense = torch.zeros(len(ids), 1)
         kjt = kjt_from_columns(self.sparse_names, [c.contiguous() for c in columns],
                                [1] * len(self.id_names) + self._bag_lengths
                                + [1] * len(self.cross_names))
-        return dense, kjt, events.labels[index]
+        return dense, kjt

@@ -6,7 +6,7 @@ from mmdata import DataContractError, split_events
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer
 from ranker import (COMPARISONS, FeatureEncoder, IdVocab, ItemContent, RankerConfig, RankingModel,
                     auc, bootstrap_aucs, comparison_intervals, kjt_from_columns, lift_lost,
-                    log_loss, normalized_entropy, quantization_loss, run_variants, train_ranker)
+                    log_loss, normalized_entropy, quantization_loss, train_ranker)
 from ranker.data import InMemoryBatches
 from ranker.train import build_model, table_learning_rate, train_step
 
@@ -149,24 +149,6 @@ def test_table_warmup_holds_the_tables_but_gathers_their_adagrad_sums(world_spli
         RankerConfig(table_optimizer="sgd")
 
 
-def test_ids_beat_no_content_on_cold_items(small_world, world_split, world_codes):
-    """The synthetic world's clicks depend on content; a cold item has only its IDs.
-    Averaged over two seeds: one small run moves cold AUC by about 0.01. The codes
-    alone (no prefix n-grams, which trade some cold AUC for overall AUC)."""
-    q, codes = world_codes
-    gaps = []
-    for seed in (0, 1):
-        results = run_variants(world_split, small_world.embeddings.item_ids,
-                               embeddings=small_world.embeddings.vectors, codes=codes,
-                               code_names=q.code_names, codebook_sizes=q.codebook_sizes,
-                               reconstructions=None, names=["no_content", "ids"],
-                               config=RankerConfig(epochs=3, patience=1, seed=seed,
-                                                   prefix_ngrams=False), progress=False)
-        gaps.append(results["ids"]["auc_cold"] - results["no_content"]["auc_cold"])
-        assert results["ids"]["rows_cold"] == results["no_content"]["rows_cold"] > 500
-    assert np.mean(gaps) > 0.02, gaps
-
-
 def test_dcn_interaction_builds_and_scores():
     model = RankingModel(["user_id", "item_id"], [5, 7], 3,
                          RankerConfig(interaction="dcn", dense_arch=[8, 16]))
@@ -296,6 +278,34 @@ def test_content_id_values_few_training_items_share_go_to_the_oov_row():
     _, kjt2, _ = again.batch(again.encode(pl.concat([events, cold])), torch.arange(5))
     assert kjt2.values().tolist() == kjt.values().tolist()
     assert again.sparse_sizes == fe.sparse_sizes
+
+
+def test_content_features_of_raw_codes_are_the_rows_a_batch_gathers():
+    """A brand-new ad's content is built online by the function that built the offline
+    table: n-grams, pruned values, bag offsets and the user cross all agree."""
+    import polars as pl
+
+    #  code_s_0 code_s_1 code_m_0
+    codes = np.array([[1, 2, 5], [1, 3, 0], [1, 2, 7], [0, 2, 5], [0, 3, 7]])
+    content = ItemContent(np.arange(5), codes=codes,
+                          code_names=["code_s_0", "code_s_1", "code_m_0"], codebook_sizes=[4, 4, 8])
+    events = pl.DataFrame({"user_id": [1, 2, 3, 1, 2], "item_id": [0, 1, 2, 3, 4],
+                           "ts": [0, 1, 2, 3, 4], "label": [0, 1, 0, 1, 0]})
+    fe = FeatureEncoder(events.head(4), content, use_codes=True, use_dense_content=False,
+                        prefix_ngrams=True, min_code_items=2, code_pooling="per_scale",
+                        user_cross="code_s_0")
+    assert fe.sparse_names == ["user_id", "item_id", "content_s", "content_m", "user_x_code_s_0"]
+    encoded = fe.encode(events)
+    for index in (torch.tensor([4, 0, 2]), torch.tensor([3]), torch.arange(0)):
+        dense, kjt, _ = fe.batch(encoded, index)
+        columns = fe.content_features(codes[index.numpy()])  # as if they were new ads
+        assert columns.bags.shape == (len(index), 4)  # code_s_0, code_s_1, ngram_s_1 | code_m_0
+        online, online_kjt = fe.model_inputs(encoded.sparse[index], encoded.dense_ctx[index],
+                                             columns)
+        assert online_kjt.keys() == kjt.keys()
+        assert online_kjt.values().tolist() == kjt.values().tolist()
+        assert online_kjt.lengths().tolist() == kjt.lengths().tolist()
+        torch.testing.assert_close(online, dense)
 
 
 def test_a_content_bag_pools_what_separate_code_tables_summed_would():

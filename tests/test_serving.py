@@ -4,9 +4,11 @@ the model's content table, no training event)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,14 +23,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from mmdata import SyntheticWorldConfig, generate_world, split_events
 from mmtok.cli import main
-from mmtok.serving import MicroBatcher, RankingServer, ServerConfig
+from mmtok.serving import (InvalidRequest, MicroBatcher, ModelSlot, RankingServer, RequestLimits,
+                           ServerConfig, score_jobs, validate_score_request,
+                           validate_tokenize_request)
 from mmtok.serving.batcher import DeadlineExceeded
 from mmtok.serving.requests import ScoreJob
 from proto.mmtok.v1 import Candidate, RankingServiceStub, ScoreRequest, TokenizeRequest
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer
 from ranker import (FeatureEncoder, ItemContent, RankerConfig, RankingModel, predict,
                     train_ranker)
-from ranker.bundle import BundleError, ServableModel
+from ranker.bundle import NEW_ITEM, BundleError, ServableModel
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS, N_KNOWN = 1000, 900
@@ -236,8 +240,8 @@ def test_deadlines(world, server):
     model = ServableModel.load(server[0].slot.source)
     events = pl.DataFrame({"user_id": [1], "item_id": [1], "cat_position": [0], "cat_device": [0],
                            "dense_hour": [1.0]}, schema_overrides={"dense_hour": pl.Float32})
-    job = lambda deadline: ScoreJob(model, events, np.zeros((0, 16), np.float32),  # noqa: E731
-                                    np.zeros(1, bool), deadline)
+    job = lambda deadline: ScoreJob(model, events, model.content_rows(np.array([1])),  # noqa: E731
+                                    np.zeros((0, 16), np.float32), deadline)
     batcher = MicroBatcher(max_rows=64, max_queue=4)
     late = batcher.submit(job(time.monotonic() - 1))
     on_time = batcher.submit(job(time.monotonic() + 30))
@@ -326,7 +330,7 @@ def test_reload_under_traffic(world, served, tmp_path):
             assert set(own[own.index(v2.model_version):]) == {v2.model_version}, k
     for version, scores, _ in seen[:: max(1, len(seen) // 10)] + seen[-1:]:
         m = offline[version]
-        expected = m.score_candidates(request_events(items), world["x"][items[items >= N_KNOWN]])
+        expected = m.score_events(request_events(items), world["x"][items[items >= N_KNOWN]])
         np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
     with pytest.raises(BundleError, match="sha256"):
         ServableModel.load(broken)
@@ -391,7 +395,7 @@ def test_bundle_round_trip_with_dense_content(world, tmp_path):
     offline = FeatureEncoder(split.train, full, use_codes=True, use_dense_content=True)
     events = request_events(items).with_columns(pl.lit(0).alias("label"))
     expected = predict(model, offline, offline.encode(events))
-    got = loaded.score_candidates(request_events(items), world["x"][items[items >= N_KNOWN]])
+    got = loaded.score_events(request_events(items), world["x"][items[items >= N_KNOWN]])
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     with pytest.raises(BundleError, match="no bundle.json"):
         ServableModel.load(tmp_path)
@@ -400,6 +404,70 @@ def test_bundle_round_trip_with_dense_content(world, tmp_path):
     (tmp_path / "m" / "bundle.json").write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(BundleError, match="version 1, expected .* version 2 .* train it again"):
         ServableModel.load(tmp_path / "m")
+
+
+def test_a_dense_only_model_scores_a_new_ad_from_its_embedding_without_a_quantizer(world,
+                                                                                 tmp_path):
+    """The dense variant reads only the embedding: no quantizer is saved or needed, its
+    embedding width comes from the content vectors, and a brand-new ad is scored from
+    the embedding it brings, through the request boundary as offline."""
+    split = world["split"]
+    known = ItemContent(world["items"][:N_KNOWN], vectors=world["x"][:N_KNOWN])
+    features = FeatureEncoder(split.train, known, use_codes=False, use_dense_content=True)
+    torch.manual_seed(0)
+    model = RankingModel(features.sparse_names, features.sparse_sizes,
+                         features.dense_in_features, CONFIG)
+    with pytest.raises(ValueError, match="needs the quantizer"):
+        ServableModel(model, features, CONFIG, content_vectors="recon")
+    ServableModel(model, features, CONFIG, content_vectors="embedding").save(tmp_path / "m")
+    assert not (tmp_path / "m" / "quantizer").exists()
+    loaded = ServableModel.load(tmp_path / "m")
+    assert loaded.quantizer is None and loaded.embedding_dim == 16 and loaded.needs_content
+
+    offline = FeatureEncoder(split.train, ItemContent(world["items"], vectors=world["x"]),
+                             use_codes=False, use_dense_content=True)
+    items = np.array([3, 950, 17, 999])
+    expected = predict(model, offline, offline.encode(
+        request_events(items).with_columns(pl.lit(0).alias("label"))))
+    new = world["x"][[950, 999]]
+    np.testing.assert_allclose(loaded.score_events(request_events(items), new), expected,
+                               atol=1e-5, rtol=0)
+    request = score_request(world, 9, items)
+    job = validate_score_request(request, loaded, RequestLimits())
+    assert job.content_row.tolist() == [3, NEW_ITEM, 17, NEW_ITEM]
+    assert job.tokenized.tolist() == [False, True, False, True]
+    np.testing.assert_array_equal(job.new_embeddings, new)
+    np.testing.assert_allclose(score_jobs([job, job])[1], expected, atol=1e-5, rtol=0)
+    request.candidates[1].embedding.append(0.5)
+    with pytest.raises(InvalidRequest, match=r"candidates\[1\].embedding: width 17, .* 16 wide"):
+        validate_score_request(request, loaded, RequestLimits())
+    with pytest.raises(InvalidRequest, match="has no quantizer") as info:
+        validate_tokenize_request(TokenizeRequest(items=request.candidates[:1]), loaded,
+                                  RequestLimits())
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_model_from_mlflow_leaves_no_temporary_folder(served, tmp_path, monkeypatch):
+    """The download's whole temporary folder goes once the model is loaded, or if the
+    download fails."""
+    import mlflow.artifacts
+
+    def download(*, artifact_uri, dst_path):
+        assert artifact_uri == "runs:/abc/model"
+        return str(shutil.copytree(served["dir"], Path(dst_path) / "model"))
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    slot = ModelSlot("runs:/abc/model")
+    assert slot.current.model_version.startswith("v1-")
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(**_):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", broken)
+    assert slot.reload() is False and slot.failed_reloads == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------ CLI
@@ -429,6 +497,10 @@ def test_serve_and_score_commands(world, served, tmp_path, capsys):
         codes = capsys.readouterr().out.splitlines()
         assert codes[1].split("\t") == ["item_id", *world["q"].code_names]
         assert codes[2].split("\t") == [str(v) for v in [950, *world["codes"][950]]]
+        assert main(["score", "--addr", addr, "--request", str(tmp_path / "request.json"),
+                     "--tokenize", "--json"]) == 0
+        reply = json.loads(capsys.readouterr().out)  # int64 as JSON numbers, not strings
+        assert reply["items"] == [{"item_id": 950, "codes": world["codes"][950].tolist()}]
         bad = tmp_path / "bad.json"
         bad.write_text('{"user_id": 5, "candidates": []}')
         assert main(["score", "--addr", addr, "--request", str(bad)]) == 2

@@ -43,10 +43,12 @@ def score_jobs(jobs: list[ScoreJob]) -> list[np.ndarray]:
     """
     model = jobs[0].model
     if len(jobs) == 1:
-        return [model.score_candidates(jobs[0].events, jobs[0].new_embeddings)]
+        job = jobs[0]
+        return [model.score_candidates(job.events, job.content_row, job.new_embeddings)]
     events = pl.concat([job.events for job in jobs], how="vertical")  # (sum n_i rows)
+    content_row = np.concatenate([job.content_row for job in jobs])  # (sum n_i,)
     new = np.concatenate([job.new_embeddings for job in jobs])  # (sum m_i, d)
-    probs = model.score_candidates(events, new)
+    probs = model.score_candidates(events, content_row, new)
     return np.split(probs, np.cumsum([len(job) for job in jobs])[:-1])
 
 

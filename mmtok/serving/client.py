@@ -79,8 +79,11 @@ def run_score_command(address: str, request_path: Path | None, *, timeout: float
     request = read_score_request(request_path)
     if tokenize_only:
         reply = tokenize(address, request, timeout=timeout)
-        if as_json:
-            print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
+        if as_json:  # by hand: protobuf's JSON mapping writes int64 as strings
+            print(json.dumps({"model_version": reply.model_version,
+                              "code_names": list(reply.code_names),
+                              "items": [{"item_id": item.item_id, "codes": list(item.codes)}
+                                        for item in reply.items]}, indent=2))
             return
         print(f"model_version {reply.model_version}")
         print("\t".join(["item_id", *reply.code_names]))

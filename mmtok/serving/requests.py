@@ -2,7 +2,9 @@
 
 Everything a client can get wrong is caught here, before any model code runs, so the
 scoring path does no validation (and a bad request cannot reach, let alone break, the
-model). A job is checked against one model version and scored by that same version.
+model). Each embedding is checked once and each item looked up once, here; the job
+carries the results. A job is checked against one model version and scored by that
+same version.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from proto.mmtok.v1 import ScoreRequest, TokenizeRequest
-from ranker.bundle import ServableModel
+from ranker.bundle import NEW_ITEM, ServableModel
 
 
 class InvalidRequest(Exception):
@@ -35,27 +37,36 @@ class RequestLimits:
 
 @dataclass
 class ScoreJob:
-    """One checked Score request.
+    """One checked Score request: the arguments of ``ServableModel.score_candidates``.
 
     Args:
         model: the model version it was checked against, and will be scored with.
         events: (n rows) user_id, item_id and the model's context columns, one row per
             candidate in request order.
-        new_embeddings: (m, d) float32 embeddings of the candidates the model does not
-            know, in candidate order (m may be 0).
-        tokenized: (n,) bool, the candidate's content IDs come from its embedding.
+        content_row: (n,) int64 each candidate's row in the model's content table,
+            ``NEW_ITEM`` for an item the model does not know.
+        new_embeddings: (m, d) float32 embeddings of the ``NEW_ITEM`` candidates, in
+            candidate order, checked (width, finite); m is 0 when the model reads no
+            content.
         deadline: ``time.monotonic()`` after which nobody waits for the answer, or None.
     """
 
     model: ServableModel
     events: pl.DataFrame
+    content_row: np.ndarray
     new_embeddings: np.ndarray
-    tokenized: np.ndarray
     deadline: float | None = None
     cancelled: bool = field(default=False, repr=False)
 
     def __len__(self) -> int:
         return self.events.height
+
+    @property
+    def tokenized(self) -> np.ndarray:
+        """(n,) bool: the candidate's content comes from its embedding, not the table."""
+        if not self.model.needs_content:
+            return np.zeros(len(self), dtype=bool)
+        return self.content_row == NEW_ITEM
 
 
 def _invalid(message: str) -> InvalidRequest:
@@ -120,11 +131,13 @@ def validate_score_request(request: ScoreRequest, model: ServableModel,
     widths = np.fromiter((len(c.embedding) for c in candidates), dtype=np.int64, count=n)
     dim = model.embedding_dim if model.needs_content else None
     _check_widths(widths, dim, "candidates")
-    tokenized = np.zeros(n, dtype=bool)
+    # Check once at the boundary: one lookup per item, one check per embedding sent;
+    # the scoring path trusts the job's rows and embeddings.
+    content_row = model.content_rows(item_ids)  # (n,)
     new_embeddings = np.zeros((0, dim or 0), dtype=np.float32)
     if dim is not None:
-        tokenized = ~model.known_items(item_ids)
-        lacking = np.flatnonzero(tokenized & (widths == 0))
+        new = content_row == NEW_ITEM
+        lacking = np.flatnonzero(new & (widths == 0))
         if len(lacking):
             i = int(lacking[0])
             raise _invalid(f"candidates[{i}].embedding: missing; item_id {int(item_ids[i])} is "
@@ -132,16 +145,16 @@ def validate_score_request(request: ScoreRequest, model: ServableModel,
                            f"({len(lacking)} such candidates)")
         # Embeddings of known items are checked (a NaN is a client bug) but not used.
         sent = np.flatnonzero(widths)
-        matrix = _embedding_matrix(candidates, sent, dim, "candidates")
-        new_embeddings = matrix[tokenized[sent]]
+        matrix = _embedding_matrix(candidates, sent, dim, "candidates")  # (len(sent), d)
+        new_embeddings = matrix[new[sent]]  # (m, d), candidate order
 
     columns = {"user_id": np.full(n, request.user_id, dtype=np.int64), "item_id": item_ids}
     for name in features.cat_names:
         columns[name] = np.full(n, request.context[name], dtype=np.int64)
     for name in features.dense_names:
         columns[name] = np.full(n, request.dense[name], dtype=np.float32)
-    return ScoreJob(model=model, events=pl.DataFrame(columns),
-                    new_embeddings=new_embeddings, tokenized=tokenized)
+    return ScoreJob(model=model, events=pl.DataFrame(columns), content_row=content_row,
+                    new_embeddings=new_embeddings)
 
 
 def validate_tokenize_request(request: TokenizeRequest, model: ServableModel,
@@ -149,7 +162,8 @@ def validate_tokenize_request(request: TokenizeRequest, model: ServableModel,
     """Checks a Tokenize request; returns ``(item_ids (n,), embeddings (n, d) float32)``."""
     if model.quantizer is None:
         raise InvalidRequest(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"model {model.model_version} has no quantizer: it reads no content")
+                             f"model {model.model_version} has no quantizer: it reads no "
+                             "content IDs")
     items = request.items
     n = len(items)
     _check_count(n, "items", limits)

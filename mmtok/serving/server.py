@@ -17,6 +17,7 @@ reflection, hot model reload and graceful shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +36,13 @@ import polars as pl
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmtok.mlflow_model import bundle_directory
 from mmtok.serving.batcher import DeadlineExceeded, MicroBatcher, QueueFull, score_jobs
 from mmtok.serving.requests import (InvalidRequest, RequestLimits, validate_score_request,
                                     validate_tokenize_request)
 from proto.mmtok.v1 import (ItemCodes, RankingServiceServicer, ScoreResponse, TokenizeResponse,
                             add_RankingServiceServicer_to_server, ranking_pb2)
-from ranker.bundle import ServableModel
+from ranker.bundle import NEW_ITEM, ServableModel
 
 log = logging.getLogger("mmtok.serve")
 
@@ -72,13 +75,19 @@ class ServerConfig:
     grace_s: float = 10.0
 
 
-def _download_mlflow_model(uri: str) -> Path:
+@contextlib.contextmanager
+def _download_mlflow_model(uri: str) -> Iterator[Path]:
+    """The model at an MLflow artifact URI, downloaded into a temporary folder that is
+    removed, whole, on leaving the ``with`` block (load the model inside it)."""
     # A server log is no place for a progress bar (the environment can still turn it on).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
-                                                    dst_path=tempfile.mkdtemp(prefix="mmtok-")))
+    tmp = tempfile.mkdtemp(prefix="mmtok-")
+    try:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_mlflow_uri(source: str) -> bool:
@@ -97,8 +106,10 @@ def warm_up(model: ServableModel) -> None:
     columns.update({name: [0, 0] for name in f.cat_names})
     columns.update({name: [0.0, 0.0] for name in f.dense_names})
     events = pl.DataFrame(columns, schema_overrides={n: pl.Float32 for n in f.dense_names})
-    new = np.zeros((1, model.embedding_dim or 0), dtype=np.float32)
-    probs = model.score_candidates(events, new if model.needs_content else None)
+    content_row = model.content_rows(events["item_id"].to_numpy())
+    m = int((content_row == NEW_ITEM).sum()) if model.needs_content else 0
+    new = np.zeros((m, model.embedding_dim or 0), dtype=np.float32)
+    probs = model.score_candidates(events, content_row, new)
     if not np.isfinite(probs).all():
         raise ValueError(f"model {model.model_version}: warm-up scores are not finite ({probs})")
 
@@ -127,11 +138,9 @@ class ModelSlot:
 
     def _load(self) -> ServableModel:
         if is_mlflow_uri(self.source):
-            directory = _download_mlflow_model(self.source)
-            try:
-                model = ServableModel.load(directory)
-            finally:
-                shutil.rmtree(directory, ignore_errors=True)  # everything is in memory now
+            with _download_mlflow_model(self.source) as directory:
+                # An mmtok-logged MLflow model holds the bundle under its data path.
+                model = ServableModel.load(bundle_directory(directory))  # all in memory now
         else:
             # Resolve a symlink once, so a flip during the load cannot mix two versions.
             model = ServableModel.load(Path(self.source).resolve())
