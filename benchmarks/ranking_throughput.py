@@ -44,9 +44,11 @@ def rss_mb() -> float:
 
 def variant_features(split: Path, codes: Path, variant: str,
                      config: RankerConfig) -> FeatureEncoder:
-    """The feature encoder ``variant`` trains with (no dense content: ids variants only)."""
+    """The feature encoder ``variant`` trains with (no dense content: ids variants only).
+    ``codes``: a bench's ``codes/<name>.parquet``; its quantizer is the bench's
+    ``quantizers/<name>``."""
     job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
-                   ranker=config)
+                   quantizer=str(codes.parent.parent / "quantizers" / codes.stem), ranker=config)
     return FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
                                       load_item_content(job), config,
                                       use_codes=variant.startswith("ids"), use_dense_content=False)

@@ -11,53 +11,76 @@ process or under ``torchrun`` with ``--nproc``), and writes ``metrics.json``,
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from mmdata import ItemEmbeddings, read_embeddings, write_embeddings, write_split
-from mmtok.bench_quantizer import build_quantizers
+from mmdata import read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
-from mmtok.train_cmd import log_train_run
-from quantizer import encode_items, quantizer_metrics
+from mmtok.train_cmd import log_train_run, quiet_planner_warnings, train_job
+from quantizer import build_quantizer, build_quantizers, encode_items, quantizer_metrics, save_quantizer
 from ranker import RankerConfig, comparison_intervals, quantization_loss
-from ranker.job import PREDICTIONS_FILE, TrainJob, run_train_job
+from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob
 
 # variant name -> (TrainJob variant, codes of which quantizer)
 CORE_VARIANTS = {"no_content": ("no_content", None), "dense": ("dense", None),
                  "recon": ("recon", "mmtok"), "ids": ("ids", "mmtok"),
                  "ids_dense": ("ids_dense", "mmtok")}
 BASELINES = ["faiss_rq", "faiss_pq", "kmeans", "lsh"]
+# The job a user retrains first: the content IDs variant (written as OUT/job.toml).
+STARTER_VARIANT = "ids"
 
 
 def bench_variants(baselines: list[str]) -> dict[str, tuple[str, str | None]]:
     return {**CORE_VARIANTS, **{f"{b}_ids": ("ids", b) for b in baselines}}
 
 
+@dataclass
+class ReportLabels:
+    """How a report names its run (the demo and the bench share one pipeline)."""
+
+    # MLflow experiment of the parent run.
+    experiment: str = "mmtok-bench-ranking"
+    # Name of the parent run; None: ``bench-ranking-<embeddings file stem>``.
+    run_name: str | None = None
+    # Report title; None: ``mmtok bench-ranking - <dataset name>``.
+    title: str | None = None
+    # Dataset name; None: the events file's folder.
+    dataset: str | None = None
+    # The encoder that made the embeddings, as the report names it.
+    encoder: str = "from the embeddings file"
+
+
 def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_dir: str | Path,
                       *, config: RankerConfig | None = None, variants: list[str] | None = None,
                       baselines: list[str] | None = None, scale_sizes: list[int] | None = None,
-                      levels: int = 2, quantizer_steps: int | None = None, nproc: int = 1, seed: int = 0,
-                      ranker_seeds: list[int] | None = None, streaming: bool = True,
-                      progress: bool = True) -> dict:
+                      levels: int = 2, quantizer: str = "mmdict", quantizer_steps: int | None = None,
+                      nproc: int = 1, seed: int = 0, ranker_seeds: list[int] | None = None,
+                      streaming: bool = True, progress: bool = True,
+                      labels: ReportLabels | None = None,
+                      timings: dict[str, float] | None = None) -> dict:
     """Returns (and writes as ``metrics.json``) the report.
 
-    ``ranker_seeds``: train every variant once per seed and report the mean of each
-    metric (the per-seed test AUCs under ``auc_seeds``, their standard deviation under
-    ``auc_std``); the split and the quantizers keep ``seed``. One run of a small dataset
-    moves AUC by a few thousandths, more than some gaps the report is read for.
+    ``quantizer``: the kind (``quantizer.build_quantizer``) whose IDs the core variants
+    read ("mmdict", or "rq-kmeans"). ``ranker_seeds``: train every variant once per seed
+    and report the mean of each metric (the per-seed test AUCs under ``auc_seeds``, their
+    standard deviation under ``auc_std``); the split and the quantizers keep ``seed``. One
+    run of a small dataset moves AUC by a few thousandths, more than some gaps the report
+    is read for. ``timings``: earlier stages' seconds, reported with the bench's.
+
+    Every variant (and seed) is one ``TrainJob`` run by ``mmtok.train_cmd.train_job``,
+    here or under torchrun (``nproc``); each leaves its servable model under
+    ``variants/<name>/model``, and ``OUT/job.toml`` is the ``ids`` job to retrain.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    root = out.resolve()  # the jobs' paths: valid from any working directory
+    labels = labels or ReportLabels()
     config = config or RankerConfig(seed=seed)
     scale_sizes = scale_sizes or [16, 64, 256]
     baselines = BASELINES if baselines is None else baselines
@@ -68,8 +91,13 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
         raise ValueError(f"unknown variants {unknown}; choose from {list(table)}")
     # Built (not fitted) before any work, so a bad layout is refused at once.
     quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=quantizer_steps)
+    if quantizer != "mmdict":
+        quantizers["mmtok"] = build_quantizer(quantizer, seed=seed, steps=quantizer_steps,
+                                              scale_sizes=scale_sizes, levels=levels)
+    quiet_planner_warnings()
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings = dict(timings or {})
+    earlier_s = sum(timings.values())
 
     def log(msg: str) -> None:
         print(f"[mmtok bench-ranking {time.perf_counter() - started:6.1f}s] {msg}", flush=True)
@@ -82,62 +110,64 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
         f"(cold test rows {split.summary['test']['cold_rows']:,})")
 
     emb = read_embeddings(embeddings_path)
-    embeddings_file = Path(embeddings_path)
+    embeddings_file = Path(embeddings_path).resolve()
     needed = {q for v in variants if (q := table[v][1])}
     t = time.perf_counter()
-    qmetrics, codes_files = {}, {}
+    qmetrics, codes_files, quantizer_dirs = {}, {}, {}
     for name in [q for q in quantizers if q in needed]:
         q = quantizers[name]
-        kwargs = {"progress": progress} if name == "mmtok" else {}
-        q.fit(emb.vectors, **kwargs)
+        q.fit(emb.vectors, progress=progress)
         frame = encode_items(q, emb)
-        codes_files[name] = out / "codes" / f"{name}.parquet"
+        codes_files[name] = root / "codes" / f"{name}.parquet"
         codes_files[name].parent.mkdir(exist_ok=True)
         frame.write_parquet(codes_files[name])
+        quantizer_dirs[name] = save_quantizer(q, root / "quantizers" / name)
         codes = frame.select(q.code_names).to_numpy()
-        recon = q.decode(codes)
-        qmetrics[name] = {"code_names": q.code_names, "codebook_sizes": list(q.codebook_sizes),
-                          **quantizer_metrics(emb.vectors, codes, recon, q.codebook_sizes, seed=seed)}
-        if name == "mmtok":
-            write_embeddings(ItemEmbeddings(emb.item_ids, recon.astype(np.float32)),
-                             out / "codes" / "mmtok_recon.parquet")
-            q.save(out / "quantizer")
+        qmetrics[name] = {"kind": q.kind, "code_names": q.code_names,
+                          "codebook_sizes": list(q.codebook_sizes),
+                          **quantizer_metrics(emb.vectors, codes, q.decode(codes),
+                                              q.codebook_sizes, seed=seed)}
         log(f"{name}: {len(q.code_names)} IDs, rel_mse {qmetrics[name]['rel_mse']:.3f}, "
             f"recall@10 {qmetrics[name]['recall_at_10']:.3f}")
     timings["quantize_s"] = time.perf_counter() - t
 
-    mlflow = start_tracking(out, "mmtok-bench-ranking")
+    mlflow = start_tracking(out, labels.experiment)
     results: dict[str, dict] = {}
     test_rows, scores = None, {}  # the test rows' labels and coldness; variant -> (S, N)
     t = time.perf_counter()
-    with mlflow.start_run(run_name=f"bench-ranking-{embeddings_file.stem}") as parent:
+    with mlflow.start_run(run_name=labels.run_name or f"bench-ranking-{embeddings_file.stem}") as parent:
         mlflow.log_params({"events": str(events_path), "item_embeddings": str(embeddings_path),
                            "nproc": nproc, "seed": seed, "streaming": streaming,
+                           "quantizer": quantizer, "encoder": labels.encoder,
                            "scale_sizes": ",".join(map(str, scale_sizes)),
                            "levels": levels,
                            "ranker_seeds": ",".join(map(str, ranker_seeds or [config.seed])),
                            **flat_params("ranker", asdict(config))})
+        mlflow.log_metrics({f"quantizer.{name}.{k}": v for name, m in qmetrics.items()
+                            for k, v in m.items() if isinstance(v, (int, float))})
         for name in tqdm(variants, desc="variants", disable=not progress, leave=False):
             job_variant, qname = table[name]
             job = TrainJob(
-                split_dir=str(out / "split"), out=str(out / "variants" / name), variant=job_variant,
-                item_embeddings=str(embeddings_file),
+                split_dir=str(root / "split"), out=str(root / "variants" / name),
+                variant=job_variant, item_embeddings=str(embeddings_file),
                 item_codes=str(codes_files[qname]) if qname else None,
-                item_reconstructions=str(out / "codes" / "mmtok_recon.parquet")
-                if job_variant == "recon" else None,
-                codebook_sizes=qmetrics[qname]["codebook_sizes"] if qname else None,
+                quantizer=str(quantizer_dirs[qname]) if qname else None,
                 streaming=streaming, ranker=config)
+            if name == STARTER_VARIANT:
+                (out / "job.toml").write_text(replace(job, out=str(root / "retrain" / name)).to_toml())
             runs, probs = [], []
             for ranker_seed in ranker_seeds or [config.seed]:
                 seeded = replace(job, ranker=replace(config, seed=ranker_seed),
                                  out=job.out if not ranker_seeds else f"{job.out}/seed-{ranker_seed}")
-                runs.append(_run_job(seeded, nproc=nproc, progress=progress))
+                runs.append(train_job(seeded, nproc=nproc, progress=progress,
+                                      keep_checkpoints=False))
                 predicted = pl.read_parquet(Path(seeded.out) / PREDICTIONS_FILE)
                 test_rows = predicted.select("label", "is_cold") if test_rows is None else test_rows
                 probs.append(predicted["prob"].to_numpy())
-                # One nested MLflow run per trained model, with its own model files.
-                log_train_run(seeded, runs[-1], nested=True,
-                              run_name=name if not ranker_seeds else f"{name}-seed{ranker_seed}")
+                # One nested MLflow run per trained model, with its servable model.
+                runs[-1]["mlflow_run_id"], _ = log_train_run(
+                    seeded, runs[-1], nested=True,
+                    run_name=name if not ranker_seeds else f"{name}-seed{ranker_seed}")
             scores[name] = np.stack(probs)  # (S, N)
             metrics = _mean_over_seeds(runs) if ranker_seeds else runs[0]
             results[name] = metrics
@@ -150,14 +180,15 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                                          test_rows["is_cold"].to_numpy(), scores, seed=seed) \
             if test_rows is not None else {}
         timings["intervals_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - started
+        timings["total_s"] = earlier_s + time.perf_counter() - started
+        dataset = labels.dataset or Path(events_path).parent.name or str(events_path)
         report = {
-            "dataset": {"name": Path(events_path).parent.name or str(events_path),
+            "dataset": {"name": dataset,
                         "events_path": str(events_path), "item_embeddings_path": str(embeddings_path),
                         "items": len(emb), "embedding_dim": emb.dim,
                         "events": sum(split.summary[p]["rows"] for p in ("train", "valid", "test")),
-                        "split": split.summary, "encoder": "from the embeddings file"},
-            "quantizer": {"kind": "mmtok", **qmetrics["mmtok"]} if "mmtok" in qmetrics else None,
+                        "split": split.summary, "encoder": labels.encoder},
+            "quantizer": qmetrics.get("mmtok"),
             "quantizers": qmetrics,
             "variants": results,
             "quantization_loss": loss,
@@ -168,8 +199,11 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             "timings": timings,
             "mlflow_run_id": parent.info.run_id,
         }
+        if not ranker_seeds:  # each variant's servable model (with seeds: one per seed)
+            report["models"] = {name: f"variants/{name}/{MODEL_DIR}" for name in results}
         (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
-        md = write_ranking_report(out, report, title=f"mmtok bench-ranking - {report['dataset']['name']}")
+        md = write_ranking_report(out, report,
+                                  title=labels.title or f"mmtok bench-ranking - {dataset}")
         mlflow.log_metrics(dict(loss))
         for path in [out / "metrics.json", md, *out.glob("*.png")]:
             mlflow.log_artifact(str(path))
@@ -187,30 +221,3 @@ def _mean_over_seeds(runs: list[dict]) -> dict:
     out["auc_cold_seeds"] = [r["auc_cold"] for r in runs]
     out["auc_std"] = float(np.std(out["auc_seeds"]))
     return out
-
-
-def _run_job(job: TrainJob, *, nproc: int, progress: bool) -> dict:
-    """Trains one variant: here, or under torchrun with ``nproc`` processes. A finished
-    run's checkpoints are deleted (they serve ``--resume`` only; the model stays): with
-    the baselines' n-gram tables they come to about 600 MB per MovieLens run."""
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = _train_variant(job, nproc=nproc, progress=progress)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return metrics
-
-
-def _train_variant(job: TrainJob, *, nproc: int, progress: bool) -> dict:
-    out = Path(job.out)
-    if nproc == 1:
-        return run_train_job(job, progress=progress)
-    config = out / "job.toml"
-    config.write_text(job.to_toml())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mmtok.cli", "train",
-           "--config", str(config), "--no-track", *([] if progress else ["--quiet"])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(job.ranker.num_threads)}
-    proc = subprocess.run(cmd, env=env, capture_output=not progress, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed for {job.variant} ({proc.returncode}): "
-                           f"{(proc.stderr or '')[-2000:]}")
-    return json.loads((out / "metrics.json").read_text())

@@ -90,15 +90,14 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mmdata import read_embeddings
-    from mmtok.demo import build_quantizer
-    from quantizer import encode_items, quantizer_metrics
+    from quantizer import build_quantizer, encode_items, quantizer_metrics, save_quantizer
 
     embeddings = read_embeddings(args.embeddings)
-    quantizer, _ = build_quantizer(args.quantizer, seed=args.seed, steps=args.steps,
-                                   scale_sizes=args.scale_sizes, levels=args.levels)
+    quantizer = build_quantizer(args.quantizer, seed=args.seed, steps=args.steps,
+                                scale_sizes=args.scale_sizes, levels=args.levels)
     quantizer.fit(embeddings.vectors, progress=not args.quiet)
     out = Path(args.out)
-    quantizer.save(out / "quantizer")
+    save_quantizer(quantizer, out / "quantizer")
     codes = encode_items(quantizer, embeddings)
     codes.write_parquet(out / "item_codes.parquet")
     matrix = codes.select(quantizer.code_names).to_numpy()
@@ -121,13 +120,31 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mmtok.train_cmd import run_train_command
 
     metrics = run_train_command(args.config, resume=args.resume, progress=not args.quiet,
-                                out=args.out, track=not args.no_track, max_steps=args.max_steps)
+                                out=args.out, variant=args.variant, track=not args.no_track,
+                                register=args.register, max_steps=args.max_steps)
     if "stopped_after_steps" in metrics and _is_rank0():
         print(f"stopped after {metrics['stopped_after_steps']} steps, "
               f"{metrics['train_examples_per_s']:,.0f} ex/s (not tested)")
     if "auc" in metrics and _is_rank0():
         print(f"test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
-              f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
+              f"cold {metrics['auc_cold']:.4f}), best epoch {metrics['best_epoch']} "
+              f"(valid AUC {metrics['valid_auc']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
+        print(f"servable model {metrics['model_version']} -> {metrics['model_dir']}")
+        if "mlflow_run_id" in metrics:
+            print(f"MLflow run {metrics['mlflow_run_id']}: serve runs:/{metrics['mlflow_run_id']}/model"
+                  + (f" or models:/{args.register}/{metrics['registered_version']}"
+                     if args.register else ""))
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from mmdata import write_split
+
+    split = write_split(args.events, args.out, valid_frac=args.valid_frac,
+                        test_frac=args.test_frac, holdout_frac=args.holdout_frac, seed=args.seed)
+    s = split.summary
+    print(f"wrote {args.out}: train {s['train']['rows']:,} / valid {s['valid']['rows']:,} / "
+          f"test {s['test']['rows']:,} rows; {s['holdout_items']:,} items held out, "
+          f"{s['test']['cold_rows']:,} cold test rows")
 
 
 def _is_rank0() -> bool:
@@ -171,6 +188,11 @@ def cmd_score(args: argparse.Namespace) -> None:
                       tokenize_only=args.tokenize, health_only=args.health)
 
 
+def _seed_and_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmtok", description="Ad content as discrete IDs for TorchRec CTR ranking.")
@@ -205,16 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic-appeal", type=float,
                    help="std of the appeal each sub-topic has, a category's click rate "
                         "(default: SyntheticWorldConfig's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    _seed_and_quiet(p)
     p.set_defaults(func=cmd_data_synthetic)
 
     p = data_sub.add_parser("docstrings",
                             help="a real text corpus built offline from installed Python docstrings")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n", type=int, default=50_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    _seed_and_quiet(p)
     p.set_defaults(func=cmd_data_docstrings)
 
     p = sub.add_parser("featurize", help="items.parquet -> item_embeddings.parquet")
@@ -239,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer", default="mmdict", choices=["mmdict", "rq-kmeans"],
                    help="mmdict (learned, default) or rq-kmeans (parallel k-means scales)")
     p.add_argument("--steps", type=int, default=None, help="mmdict training steps")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    _seed_and_quiet(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench-quantizer",
@@ -254,14 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="mmtok training steps")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="comma-separated subset of mmtok,faiss_rq,faiss_pq,kmeans,lsh")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    _seed_and_quiet(p)
     p.set_defaults(func=cmd_bench_quantizer)
 
+    p = sub.add_parser("split", help="events -> the evaluation protocol's train / valid / test "
+                                     "parquet files (time split + held-out cold items)")
+    p.add_argument("--events", required=True, type=Path, help="events parquet (contract)")
+    p.add_argument("--out", required=True, type=Path, help="directory for the three files")
+    p.add_argument("--valid-frac", type=float, default=0.1, help="share of events, by time")
+    p.add_argument("--test-frac", type=float, default=0.1, help="the last share of events")
+    p.add_argument("--holdout-frac", type=float, default=0.1,
+                   help="share of items whose pre-test events are dropped (they arrive cold)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_split)
+
     p = sub.add_parser("train", help="train one ranker variant from a TOML job file "
-                       "(also as one rank under torchrun --nproc_per_node=N)")
+                       "(also as one rank under torchrun --nproc_per_node=N); writes "
+                       "OUT/model, a servable model")
     p.add_argument("--config", required=True, type=Path, help="job TOML (see ranker/job.py)")
     p.add_argument("--out", type=Path, default=None, help="override the job's out directory")
+    p.add_argument("--variant", default=None,
+                   help="override the job's variant (no_content, dense, recon, ids, ids_dense)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="register the trained model in MLflow as a new version of NAME "
+                        "(then serve models:/NAME/<version> or an alias you set)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in OUT/checkpoints")
     p.add_argument("--no-track", action="store_true", help="no MLflow run")
@@ -291,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-memory", action="store_true", help="load training events in memory")
     p.add_argument("--seeds", type=_int_list, default=None,
                    help="train each variant once per ranker seed (e.g. 0,1,2) and report means")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    _seed_and_quiet(p)
     p.set_defaults(func=cmd_bench_ranking)
 
     p = sub.add_parser("serve", help="gRPC ranking server (mmtok.v1.RankingService, health, "

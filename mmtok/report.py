@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ranker.experiment import BOOTSTRAP_RESAMPLES, LIFT_LOST_BAR
+from ranker.model import RankerConfig
 
 # How a report names RankerConfig.table_optimizer.
 TABLE_OPTIMIZER_NAMES = {"adagrad": "exact Adagrad (a sum per element)",
@@ -191,13 +192,21 @@ def _user_cross(column: str) -> str:
     return f", the user crossed with {named} (ID variants)"
 
 
+def _table_section(title: str, text: str, columns: list[str], aligns: str) -> list[str]:
+    """A report section's heading, paragraph and table head (``aligns``: the separator
+    row after the first column's ``---|``)."""
+    return ["", f"## {title}", "", text, "", f"| {' | '.join(columns)} |", f"|---|{aligns}|"]
+
+
 def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
     """Writes ``out_dir/report.md`` (and ``variant_auc.png``) from a metrics dict."""
     variants = metrics["variants"]
     seeds = metrics.get("ranker_seeds") or []
+    # What the report says of the ranker: the config it trained with, defaults included.
+    ranker = RankerConfig(**metrics["ranker"]) if metrics.get("ranker") else None
     plot = plot_variant_auc(
         variants, out_dir / "variant_auc.png",
-        warmup_epochs=(metrics.get("ranker") or {}).get("table_warmup_epochs", 0),
+        warmup_epochs=ranker.table_warmup_epochs if ranker else 0,
         curves_title=f"Training curves (seed {seeds[0]} of {len(seeds)})" if len(seeds) > 1
         else "Training curves")
     ds = metrics["dataset"]
@@ -214,20 +223,19 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         "",
     ]
     lines += _summary(metrics)
-    ranker = metrics.get("ranker")
     if ranker:
         lines += [
-            f"Ranker: {ranker['interaction'].upper()} over TorchRec tables of width "
-            f"{ranker['embedding_dim']}; content IDs"
-            f"{' plus prefix n-grams' if ranker.get('prefix_ngrams') else ''} "
-            f"{CONTENT_FEATURES[ranker.get('code_pooling', 'per_feature')]}"
-            f"{_user_cross(ranker.get('user_code_cross', 'none'))}, ID rows initialised "
-            f"`{ranker.get('code_init', 'uniform')}`, tables updated by "
-            f"{TABLE_OPTIMIZER_NAMES[ranker.get('table_optimizer', 'adagrad')]}; "
-            f"global batch {ranker['batch_size']}, "
-            f"at most {ranker['epochs']} epochs with early stopping on validation AUC "
-            f"(patience {ranker['patience']}), the tables held still for "
-            f"{_epochs(ranker.get('table_warmup_epochs', 0))} while the MLPs warm up; "
+            f"Ranker: {ranker.interaction.upper()} over TorchRec tables of width "
+            f"{ranker.embedding_dim}; content IDs"
+            f"{' plus prefix n-grams' if ranker.prefix_ngrams else ''} "
+            f"{CONTENT_FEATURES[ranker.code_pooling]}"
+            f"{_user_cross(ranker.user_code_cross)}, ID rows initialised "
+            f"`{ranker.code_init}`, tables updated by "
+            f"{TABLE_OPTIMIZER_NAMES[ranker.table_optimizer]}; "
+            f"global batch {ranker.batch_size}, "
+            f"at most {ranker.epochs} epochs with early stopping on validation AUC "
+            f"(patience {ranker.patience}), the tables held still for "
+            f"{_epochs(ranker.table_warmup_epochs)} while the MLPs warm up; "
             f"{metrics.get('nproc', 1)} process(es).",
             "",
         ]
@@ -269,35 +277,25 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         )
     loss = metrics.get("quantization_loss") or {}
     if loss:
-        lines += [
-            "",
-            "## Quantization loss",
-            "",
+        lines += _table_section(
+            "Quantization loss",
             "`lift lost = (AUC_dense - AUC_V) / (AUC_dense - 0.5)`: the share of the dense model's "
             "lift over chance that variant V loses; negative means V beats dense.",
-            "",
-            "| measure | compares | value |",
-            "|---|---|---:|",
-        ]
+            ["measure", "compares", "value"], "---|---:")
         labels = {"lift_lost": "ids vs dense", "lift_lost_cold": "ids vs dense, cold items",
                   "lift_lost_recon": "recon vs dense (MmDict's \"< 1% on the task\")"}
         for key, value in loss.items():
             lines.append(f"| `{key}` | {labels.get(key, key)} | {value * 100:+.2f}% |")
     intervals = metrics.get("intervals") or {}
     if intervals:
-        lines += [
-            "",
-            "## How sure the test set makes these",
-            "",
+        lines += _table_section(
+            "How sure the test set makes these",
             f"Every variant scored on the same {BOOTSTRAP_RESAMPLES:,} resamples of the test "
             "rows (drawn with replacement): a paired bootstrap, so each comparison keeps its pairing. The "
             "interval is what the test set's size alone leaves open; training-seed variation "
             "comes on top (`--seeds` averages it down). \"Ahead\" is the share of resamples "
             "on which the first variant beats the second.",
-            "",
-            "| comparison | rows | value | 95% interval | ahead on |",
-            "|---|---|---:|---:|---:|",
-        ]
+            ["comparison", "rows", "value", "95% interval", "ahead on"], "---|---:|---:|---:")
         for key, e in intervals.items():
             lines.append(f"| `{key}`: {e['variant']} vs {e['reference']} | {e['rows']} | "
                          f"{_measure(e, e['value'])} | {_interval(e)} | "

@@ -1,10 +1,20 @@
 """``mmtok train --config job.toml``: one ranker training job, in this process or as
 one rank of ``torchrun --nproc_per_node=N -m mmtok.cli train ...``; rank 0 logs the
-run to MLflow (params, per-epoch curves, test metrics, the model files)."""
+run to MLflow (params, per-epoch curves, the restored best step's metrics, and the
+servable model as the run's MLflow model, optionally registered).
+
+``train_job`` is the one way a ranker is trained, here or under torchrun: ``mmtok demo``
+and ``mmtok bench-ranking`` run every variant and seed through it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,8 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmtok.mlflow_model import log_model
 from mmtok.tracking import flat_params, start_tracking
-from ranker.job import TrainJob, run_train_job
+from ranker.job import MODEL_DIR, TrainJob, run_train_job
+
+# What a run's test metrics are logged as (metrics.json's key -> MLflow metric).
+_TEST_METRICS = ("auc", "auc_warm", "auc_cold", "logloss", "logloss_warm", "logloss_cold", "ne")
 
 
 def init_from_torchrun() -> bool:
@@ -28,42 +42,91 @@ def init_from_torchrun() -> bool:
     return True
 
 
-def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool = False) -> str:
-    """Logs one trained variant to MLflow; returns the run id."""
+def quiet_planner_warnings() -> None:
+    """TorchRec's planner warns on every run of a small model ("... otherwise, the job
+    will fail") about storage it has plenty of; a user should not read that each time."""
+    warnings.filterwarnings("ignore", module=r"torchrec\.distributed\.planner.*")
+    import logging
+
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+
+
+def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool = False,
+                  register: str | None = None) -> tuple[str, str | None]:
+    """Logs one trained job to MLflow with its servable model as the run's ``model``
+    (``runs:/<id>/model``; with ``register``, a new version of that registered model).
+    Returns the run id and the registered version (None without ``register``)."""
     import mlflow
 
     if not nested:  # a nested run goes under the caller's tracking set-up and parent run
         start_tracking(Path(job.out), "mmtok-train")
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.log_params({"variant": job.variant, "split_dir": job.split_dir,
-                           "item_codes": str(job.item_codes), "streaming": job.streaming,
+                           "item_codes": str(job.item_codes), "quantizer": str(job.quantizer),
+                           "streaming": job.streaming,
                            "world_size": metrics.get("world_size", 1),
+                           "model_version": metrics.get("model_version", ""),
                            **flat_params("ranker", asdict(job.ranker))})
         for row in metrics.get("history", []):
             mlflow.log_metrics({"train_loss": row["train_loss"], "valid_auc": row["valid_auc"]},
                                step=row["epoch"])
-        mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)
-                            and np.isfinite(v)})
+        final = {f"test_{k}": metrics[k] for k in _TEST_METRICS if k in metrics}
+        # The model the run keeps is the best epoch's: its validation AUC, not the last one's.
+        final |= {k: metrics[k] for k in ("valid_auc", "best_epoch", "train_examples_per_s")
+                  if k in metrics}
+        mlflow.log_metrics({k: float(v) for k, v in final.items() if np.isfinite(v)})
         out = Path(job.out)
         for name in ("metrics.json", "job.toml"):
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
-        if (out / "model").is_dir():
-            mlflow.log_artifacts(str(out / "model"), artifact_path="model")
-        return run.info.run_id
+        version = log_model(out / MODEL_DIR, register=register) if (out / MODEL_DIR).is_dir() \
+            else None
+        return run.info.run_id, version
+
+
+def train_job(job: TrainJob, *, nproc: int = 1, progress: bool = True,
+              keep_checkpoints: bool = True) -> dict:
+    """Trains one job, in this process (``nproc`` 1) or under ``torchrun`` with ``nproc``
+    gloo/nccl processes; returns its metrics. ``keep_checkpoints=False`` deletes a
+    finished run's checkpoints (they serve ``--resume`` only; the model stays)."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if nproc == 1:
+        metrics = run_train_job(job, progress=progress)
+    else:
+        config = out / "job.toml"
+        config.write_text(job.to_toml())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "mmtok.cli", "train", "--config", str(config),
+               "--no-track", *([] if progress else ["--quiet"])]
+        env = {**os.environ, "OMP_NUM_THREADS": str(job.ranker.num_threads)}
+        proc = subprocess.run(cmd, env=env, capture_output=not progress, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun failed for {job.variant} ({proc.returncode}): "
+                               f"{(proc.stderr or '')[-2000:]}")
+        metrics = json.loads((out / "metrics.json").read_text())
+    if not keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return metrics
 
 
 def run_train_command(config: Path, *, resume: bool, progress: bool, out: Path | None = None,
-                      track: bool = True, max_steps: int | None = None) -> dict:
-    job = TrainJob.from_toml(config, out=str(out) if out else None)
+                      variant: str | None = None, track: bool = True,
+                      register: str | None = None, max_steps: int | None = None) -> dict:
+    """``mmtok train``: the job file, with ``--out`` / ``--variant`` replacing its keys."""
+    job = TrainJob.from_toml(config, out=str(out) if out else None, variant=variant)
+    if register and not track:
+        raise ValueError("--register needs the MLflow run (drop --no-track)")
+    quiet_planner_warnings()
     joined = init_from_torchrun()
     try:
         metrics = run_train_job(job, resume=resume, progress=progress, stop_after_steps=max_steps)
         if "auc" not in metrics:
             return metrics
+        metrics["model_dir"] = str(Path(job.out) / MODEL_DIR)
         if track and (not dist.is_initialized() or dist.get_rank() == 0):
-            metrics["mlflow_run_id"] = log_train_run(job, metrics, run_name=f"train-{job.variant}")
+            metrics["mlflow_run_id"], metrics["registered_version"] = log_train_run(
+                job, metrics, run_name=f"train-{job.variant}", register=register)
     finally:
         if joined:
             dist.destroy_process_group()

@@ -7,11 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmdata.split import EventSplit
-from ranker.features import FeatureEncoder, ItemContent
-from ranker.metrics import auc, bootstrap_aucs, ranking_metrics
-from ranker.model import RankerConfig
-from ranker.train import predict, train_ranker
+from ranker.metrics import auc, bootstrap_aucs
 
 
 @dataclass(frozen=True)
@@ -123,51 +119,3 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
         if measure == "lift_lost":  # MmDict's bar for the loss
             out[key]["p_under_bar"] = float((samples < LIFT_LOST_BAR).mean())
     return out
-
-
-def run_variants(split: EventSplit, item_ids: np.ndarray, *, embeddings: np.ndarray,
-                 codes: np.ndarray, code_names: list[str], codebook_sizes: list[int],
-                 reconstructions: np.ndarray | None, names: list[str], config: RankerConfig,
-                 progress: bool = True, on_result=None,
-                 predictions: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
-    """Trains and tests each named variant; returns ``{name: metrics}``.
-
-    Args:
-        split: the evaluation split.
-        item_ids: (n,) items the content arrays describe.
-        embeddings: (n, d) content vectors; codes: (n, c) content IDs;
-        reconstructions: (n, d) ``decode(codes)``, needed by "recon".
-        names: variant names from ``VARIANTS``.
-        on_result: called as ``on_result(name, metrics, train_result)`` after each variant.
-        predictions: if given, gets each variant's (N,) test click probabilities, in
-            ``split.test`` row order (for ``comparison_intervals``).
-    """
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    results = {}
-    for name in names:
-        variant = VARIANTS[name]
-        vectors = {"embedding": embeddings, "recon": reconstructions, None: None}[variant.dense]
-        if variant.dense == "recon" and reconstructions is None:
-            raise ValueError("variant 'recon' needs reconstructions")
-        content = ItemContent(item_ids, vectors=vectors, codes=codes if variant.codes else None,
-                              code_names=code_names, codebook_sizes=codebook_sizes)
-        features = FeatureEncoder.from_config(split.train, content, config,
-                                              use_codes=variant.codes,
-                                              use_dense_content=vectors is not None)
-        train = features.encode(split.train, where="train events")
-        valid = features.encode(split.valid, where="validation events")
-        test = features.encode(split.test, where="test events")
-        trained = train_ranker(features, train, valid, config, progress=progress, desc=name)
-        probs = predict(trained.model, features, test)
-        metrics = ranking_metrics(test.labels.numpy(), probs, test.is_cold.numpy())
-        if predictions is not None:
-            predictions[name] = probs
-        metrics["train_examples_per_s"] = trained.train_examples_per_s
-        metrics["best_epoch"] = trained.best_epoch
-        metrics["history"] = trained.history
-        results[name] = metrics
-        if on_result is not None:
-            on_result(name, metrics, trained)
-    return results

@@ -4,10 +4,11 @@ process or, under ``torchrun``, as one rank of a ``DistributedModelParallel`` ru
 
 Example ``job.toml``::
 
-    split_dir = "runs/bench/split"          # train/valid/test.parquet (mmdata.write_split)
-    out = "runs/bench/variants/ids"
+    split_dir = "runs/split"                # train/valid/test.parquet (mmtok split)
+    out = "runs/train/ids"                  # metrics.json, model/ (servable), checkpoints/
     variant = "ids"
-    item_codes = "runs/bench/codes/mmtok.parquet"
+    item_codes = "runs/q/item_codes.parquet"   # mmtok quantize's output
+    quantizer = "runs/q/quantizer"
     checkpoint_every = 500
 
     [ranker]
@@ -27,9 +28,8 @@ import numpy as np
 import polars as pl
 
 from mmdata.contracts import DataContractError, code_columns, read_codes, read_embeddings
-from safetensors.torch import save_file
-from torch import nn
-
+from quantizer import Quantizer, load_quantizer
+from ranker.bundle import ServableModel
 from ranker.data import InMemoryBatches, ParquetBatches
 from ranker.experiment import VARIANTS
 from ranker.features import FeatureEncoder, ItemContent
@@ -40,24 +40,32 @@ from ranker.train import TrainResult, current_shard, predict, train_ranker, unsh
 # A trained job's test scores, one row per test event (user_id, item_id, label, is_cold,
 # prob), beside its metrics.json.
 PREDICTIONS_FILE = "test_predictions.parquet"
+# The job's servable model (``ranker.bundle``), under its out directory.
+MODEL_DIR = "model"
 
 
 @dataclass
 class TrainJob:
-    # Directory with train.parquet / valid.parquet / test.parquet from mmdata.write_split.
+    """One ranker to train: the split, the item content, the variant, the config.
+
+    Every finished job writes ``out/model/``, the servable bundle (``ranker.bundle``):
+    ``mmtok serve --model out/model`` serves it.
+    """
+
+    # Directory with train.parquet / valid.parquet / test.parquet (``mmtok split``).
     split_dir: str
-    # Where metrics.json, checkpoints/ and model/ go.
+    # Where metrics.json, test predictions, checkpoints/ and model/ go.
     out: str
     # One of ranker.VARIANTS: how the item's content enters the model.
     variant: str = "ids"
-    # Item embeddings file (contract): needed by "dense" and "ids_dense".
+    # Item embeddings file (contract): the content vectors of "dense" and "ids_dense".
     item_embeddings: str | None = None
-    # Item codes file (contract): needed by "ids" and "ids_dense".
+    # Item codes file (contract): the content IDs of "ids" and "ids_dense"; "recon"
+    # decodes them into its content vectors.
     item_codes: str | None = None
-    # Item embeddings file holding decode(encode(x)): needed by "recon".
-    item_reconstructions: str | None = None
-    # Rows per code table; default: largest code + 1 in the codes file.
-    codebook_sizes: list[int] | None = None
+    # The saved quantizer that wrote item_codes (``mmtok quantize``'s OUT/quantizer):
+    # the served model tokenizes brand-new ads with it.
+    quantizer: str | None = None
     # Stream training events from parquet (bounded memory) instead of loading them.
     streaming: bool = True
     # Streams the training file is read as (global batch k = the k-th rows of each);
@@ -76,16 +84,17 @@ class TrainJob:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r}: choose from {list(VARIANTS)}")
         variant = VARIANTS[self.variant]
-        needs = {"item_codes": variant.codes,
-                 "item_embeddings": variant.dense == "embedding",
-                 "item_reconstructions": variant.dense == "recon"}
+        reads_codes = variant.codes or variant.dense == "recon"
+        needs = {"item_codes": reads_codes, "quantizer": reads_codes,
+                 "item_embeddings": variant.dense == "embedding"}
         missing = [name for name, needed in needs.items() if needed and not getattr(self, name)]
         if missing:
             raise ValueError(f"variant {self.variant!r} needs {', '.join(missing)}")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainJob":
-        """Reads a job file; unknown keys are an error naming them."""
+        """Reads a job file; ``overrides`` (None: keep the file's) replace its top-level
+        keys. Unknown keys are an error naming them."""
         with open(path, "rb") as f:
             raw = tomllib.load(f)
         raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -121,17 +130,20 @@ def load_ranker_config(path: str | Path) -> RankerConfig:
         return _ranker_config(tomllib.load(f).get("ranker", {}), path)
 
 
-def load_item_content(job: TrainJob) -> ItemContent:
-    """The item table the variant reads (codes and/or vectors), aligned by item id."""
+def load_item_content(job: TrainJob, quantizer: Quantizer | None = None) -> ItemContent:
+    """The item table the variant reads (codes and/or vectors), aligned by item id.
+    ``quantizer``: the job's, if the caller has loaded it already."""
     variant = VARIANTS[job.variant]
     frames = []
-    if variant.codes:
+    if job.item_codes and (variant.codes or variant.dense == "recon"):
+        quantizer = quantizer or load_quantizer(job.quantizer)
         codes = read_codes(job.item_codes)
+        if code_columns(codes) != list(quantizer.code_names):
+            raise DataContractError(f"{job.item_codes}: code columns {code_columns(codes)}, but "
+                                    f"the quantizer {job.quantizer} writes {quantizer.code_names}")
         frames.append(codes)
-    vectors_path = {"embedding": job.item_embeddings, "recon": job.item_reconstructions,
-                    None: None}[variant.dense]
-    if vectors_path:
-        emb = read_embeddings(vectors_path)
+    if variant.dense == "embedding":
+        emb = read_embeddings(job.item_embeddings)
         frames.append(pl.DataFrame({"item_id": emb.item_ids, "_row": np.arange(len(emb.item_ids))}))
     if not frames:  # no_content: the items are whatever the events name
         return ItemContent(_all_item_ids(job))
@@ -140,16 +152,18 @@ def load_item_content(job: TrainJob) -> ItemContent:
         table = table.join(other, on="item_id", how="inner")
     item_ids = table["item_id"].to_numpy()
     codes_arr, code_names, sizes = None, [], []
-    if variant.codes:
-        code_names = code_columns(table)
+    if quantizer is not None:
+        code_names, sizes = list(quantizer.code_names), list(quantizer.codebook_sizes)
         codes_arr = np.ascontiguousarray(table.select(code_names).to_numpy().astype(np.int64))
-        sizes = job.codebook_sizes or [int(codes_arr[:, j].max()) + 1 for j in range(len(code_names))]
-        if len(sizes) != len(code_names):
-            raise DataContractError(f"{job.item_codes}: {len(code_names)} code columns but "
-                                    f"{len(sizes)} codebook_sizes")
-    vectors = emb.vectors[table["_row"].to_numpy()] if vectors_path else None
-    return ItemContent(item_ids, vectors=vectors, codes=codes_arr, code_names=code_names,
-                       codebook_sizes=sizes)
+    vectors = None
+    if variant.dense == "embedding":
+        vectors = emb.vectors[table["_row"].to_numpy()]
+    elif variant.dense == "recon":  # what the IDs keep of the content: decode(codes)
+        vectors = quantizer.decode(codes_arr).astype(np.float32)
+    return ItemContent(item_ids, vectors=vectors,
+                       codes=codes_arr if variant.codes else None,
+                       code_names=code_names if variant.codes else [],
+                       codebook_sizes=sizes if variant.codes else [])
 
 
 def _all_item_ids(job: TrainJob) -> np.ndarray:
@@ -159,32 +173,22 @@ def _all_item_ids(job: TrainJob) -> np.ndarray:
     return ids["item_id"].to_numpy()
 
 
-def save_model(model: nn.Module, directory: Path, job: TrainJob,
-               features: FeatureEncoder) -> Path | None:
-    """The trained model as one file, ``model.safetensors`` (a plain ``RankingModel``
-    state dict; under several processes the ranks' table shards are gathered to rank 0,
-    which writes it), with the job beside it. Returns the directory on rank 0."""
-    plain = model if isinstance(model, RankingModel) else unshard_model(model, features, job.ranker)
-    if plain is None:
-        return None
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in plain.state_dict().items()},
-              str(directory / "model.safetensors"),
-              metadata={"world_size": str(current_shard().world_size),
-                        "sparse_names": json.dumps(features.sparse_names)})
-    (directory / "job.toml").write_text(job.to_toml())
-    return directory
-
-
 def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
                   stop_after_steps: int | None = None) -> dict:
-    """Trains the job's variant and tests it; returns (and on rank 0 writes to
-    ``out/metrics.json``) the test metrics with ``train_examples_per_s`` and history."""
+    """Trains the job's variant, tests the best step's model, and exports it.
+
+    Returns (and on rank 0 writes to ``out/metrics.json``) the test metrics with
+    ``valid_auc`` (the restored best epoch's), ``train_examples_per_s``, the history and
+    the exported ``model_version``. Rank 0 writes ``out/model/``, the servable bundle
+    (under several processes the ranks' table shards are gathered to it first), and
+    ``out/test_predictions.parquet``."""
     shard = current_shard()
     out = Path(job.out)
     split = Path(job.split_dir)
-    content = load_item_content(job)
     variant = VARIANTS[job.variant]
+    quantizer = load_quantizer(job.quantizer) if job.quantizer and \
+        (variant.codes or variant.dense == "recon") else None
+    content = load_item_content(job, quantizer)
     train_scan = pl.scan_parquet(split / "train.parquet")
     features = FeatureEncoder.from_config(train_scan if job.streaming else train_scan.collect(),
                                           content, job.ranker, use_codes=variant.codes,
@@ -210,13 +214,20 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     test = features.encode(test_events, where="test events")
     probs = predict(trained.model, features, test)
     metrics = ranking_metrics(test.labels.numpy(), probs, test.is_cold.numpy())
-    metrics.update(train_examples_per_s=trained.train_examples_per_s,
+    best = trained.history[trained.best_epoch - 1] if trained.best_epoch else {}
+    metrics.update(valid_auc=best.get("valid_auc", float("nan")),
+                   train_examples_per_s=trained.train_examples_per_s,
                    best_epoch=trained.best_epoch, history=trained.history,
                    world_size=shard.world_size, resumed=trained.resumed,
                    wall_s=time.perf_counter() - started)
-    save_model(trained.model, out / "model", job, features)
+    # Collective under several processes: every rank sends its table shards to rank 0.
+    plain = trained.model if isinstance(trained.model, RankingModel) \
+        else unshard_model(trained.model, features, job.ranker)
     if shard.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        served = ServableModel(plain, features, job.ranker, quantizer=quantizer,
+                               content_vectors=variant.dense)
+        served.save(out / MODEL_DIR, name=job.variant)
+        metrics["model_version"] = served.model_version
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         (out / "job.toml").write_text(job.to_toml())
         # Per test row, for slicing the metrics by anything the events hold and for the

@@ -21,6 +21,10 @@ TABLE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAd
 
 @dataclass
 class RankerConfig:
+    """Architecture and optimisation of one ranker; every variant of a report shares it.
+    Where each default comes from (the measurements): ``benchmarks/README.md``,
+    "Where RankerConfig's defaults come from"."""
+
     # Width of every embedding table (DLRM's dot interaction needs one width).
     embedding_dim: int = 16
     # Bottom MLP over the dense input; its last size must equal embedding_dim.
@@ -38,15 +42,11 @@ class RankerConfig:
     patience: int = 2
     lr_dense: float = 1e-3
     lr_sparse: float = 0.02
-    # Epochs at the start in which the embedding tables hold still (learning rate 0)
-    # while the MLPs learn. Their Adagrad sums still gather each row's squared
-    # gradients, so the tables then start with steps scaled to what their rows saw, not
-    # fresh Adagrad's large first steps; and the dense content path is fit before id and
-    # content-ID rows soak up the item-level signal. Every variant runs the same
-    # schedule. MovieLens, 5 seeds, in memory, AUC ids_dense / dense / ids: 1 epoch
-    # 0.7072 / 0.7023 / 0.6991, 0 epochs 0.7031 / 0.7033 / 0.7021.
+    # Epochs at the start in which the tables hold still (learning rate 0) while the MLPs
+    # learn; their Adagrad sums still gather, so the tables then start with steps scaled
+    # to what their rows saw, and the dense content path is fit before ID rows memorise.
     table_warmup_epochs: int = 1
-    # After the warm-up, the tables' learning rate in epoch e is
+    # After the warm-up, the tables' rate in epoch e is
     # lr_sparse * lr_sparse_decay ** (e - table_warmup_epochs).
     lr_sparse_decay: float = 1.0
     # L2 on the dense (MLP) weights.
@@ -54,41 +54,24 @@ class RankerConfig:
     # Share of training examples whose item id is replaced by the out-of-vocabulary
     # row, so that row is trained to stand for "an item the model has not seen".
     item_id_dropout: float = 0.1
-    # Also feed each scale's code prefixes (center, center+residual) as features. On
-    # MovieLens with MmDict's cascade codes: ids AUC 0.7027 vs 0.6977 without (3 seeds).
+    # Also feed each scale's code prefixes (center, center+residual) as features: a
+    # residual code means something only under its center.
     prefix_ngrams: bool = True
-    # How the item's content IDs (codes and n-grams) meet the other features in the
-    # interaction: "summed" (one multi-hot feature holding all of them, its embeddings
-    # summed into one content slot, as a residual quantizer sums its codewords into one
-    # vector), "per_scale" (one such feature per scale) or "per_feature" (each code and
-    # n-gram a feature and slot of its own). A multi-hot feature's table stacks its IDs'
-    # rows, so every ID value keeps rows of its own. MovieLens, 3 seeds, mean AUC ids /
-    # ids_dense: summed + zeros 0.7028 / 0.7042, per_feature + uniform 0.7031 / 0.7012;
-    # summed costs less per step (fewer pairs, fewer lookups).
+    # How the content IDs (codes and n-grams) meet the other features: "summed" (one
+    # multi-hot feature, its embeddings summed into one interaction slot, as a residual
+    # quantizer sums codewords), "per_scale" (one such feature per scale) or
+    # "per_feature" (a slot per code and n-gram). Every ID value keeps rows of its own.
     code_pooling: str = "summed"
     # Initial rows of the content-ID tables: "zeros" (a code says nothing until training
-    # shows what it means; a row no training item reached, e.g. a cold item's fine code
-    # or n-gram, stays silent) or "uniform" (TorchRec's default for the table's size,
-    # like the id tables).
+    # shows what it means; a row no training item reached stays silent) or "uniform"
+    # (TorchRec's default, like the id tables).
     code_init: str = "zeros"
-    # The content-ID column crossed with the user id in the ID variants: a feature
-    # user_x_<column> with a row per (user, value), zero-initialised like the content
-    # IDs: a user's own click rate on a kind of content, which the dot product of a
-    # user vector and a content vector only approximates. "coarsest" (the quantizer's
-    # column with the fewest values: MmDict's code_s_0, 16 values), a column name, or
-    # "none". Synthetic 1M, seeds 0-3, ids_dense AUC: code_s_0 0.6807, code_m_0 0.6739,
-    # none 0.6738 (8 seeds; dense 0.6738). MovieLens, 10 seeds: 0.7038 / 0.7048 / 0.7044.
+    # The content-ID column crossed with the user id in the ID variants (a row per user
+    # and kind of content, which a user-vector . content-vector dot only approximates):
+    # "coarsest" (the column with the fewest values), a column name, or "none".
     user_code_cross: str = "coarsest"
-    # The tables' fused optimizer: "rowwise_adagrad" (one Adagrad sum per row, fbgemm's
-    # EXACT_ROWWISE_ADAGRAD, as production DLRMs train their tables) or "adagrad" (one
-    # sum per element, EXACT_ADAGRAD). The update's cost goes with the distinct rows a
-    # batch touches, and the content IDs and the user x content-ID cross touch 3.4x the
-    # rows of no_content's tables: ids / no_content training throughput 0.85-0.88
-    # row-wise against 0.75-0.82 exact (six alternating pairs of runs). Test AUC, same
-    # splits and codes, no_content / dense / ids / ids_dense: MovieLens (5 seeds)
-    # row-wise 0.6960 / 0.7024 / 0.6990 / 0.7037, exact 0.6930 / 0.7015 / 0.6993 /
-    # 0.7034; synthetic 1M (3 seeds) 0.6629 / 0.6733 / 0.6788 / 0.6804 against
-    # 0.6628 / 0.6731 / 0.6790 / 0.6804.
+    # The tables' fused optimizer: "rowwise_adagrad" (one Adagrad sum per row, as
+    # production DLRMs train their tables; cheaper per step) or "adagrad" (per element).
     table_optimizer: str = "rowwise_adagrad"
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
@@ -96,9 +79,8 @@ class RankerConfig:
     # to its table's out-of-vocabulary row (it names an item more than a kind of content).
     min_code_items: int = 1
     seed: int = 0
-    # Intra-op threads while training. The MLPs and batches are small, so threads mostly
-    # wait on each other (measured: 1 thread ran ~10x faster than 2 on a busy 2-core
-    # machine); scale out with torchrun processes instead.
+    # Intra-op threads while training: the MLPs and batches are small, so threads mostly
+    # wait on each other; scale out with torchrun processes instead.
     num_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -175,7 +157,3 @@ class RankingModel(nn.Module):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.net.sparse_arch.parameters())
-
-    def dense_parameters(self) -> list[nn.Parameter]:
-        sparse = {id(p) for p in self.sparse_parameters()}
-        return [p for p in self.parameters() if id(p) not in sparse]

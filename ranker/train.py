@@ -20,7 +20,7 @@ from ranker.checkpoint import (CheckpointError, ShardedTensor, copy_into, flatte
                                unflatten_state)
 from ranker.data import InMemoryBatches, ParquetBatches, Shard
 from ranker.features import EncodedEvents, FeatureEncoder
-from ranker.metrics import auc, ranking_metrics
+from ranker.metrics import auc
 from ranker.model import TABLE_OPTIMIZERS, RankerConfig, RankingModel
 
 
@@ -162,11 +162,6 @@ def predict(model: nn.Module, features: FeatureEncoder, events: EncodedEvents,
         probs = torch.stack(gathered, dim=1).reshape(-1)[:n]  # row r + k*W sits at k*W + r
     model.train(was_training)
     return probs.numpy()
-
-
-def evaluate(model: nn.Module, features: FeatureEncoder, events: EncodedEvents) -> dict:
-    probs = predict(model, features, events)
-    return ranking_metrics(events.labels.numpy(), probs, events.is_cold.numpy())
 
 
 def _model_state(model: nn.Module, tensors: dict, prefix: str) -> dict:

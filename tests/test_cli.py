@@ -23,10 +23,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| ids |" in report and "variant_auc.png" in report
     assert (out / "variant_auc.png").stat().st_size > 10_000
-    codes = pl.read_parquet(out / "data" / "item_codes.parquet")
+    codes = pl.read_parquet(out / "codes" / "mmtok.parquet")
     assert codes.height == 1682 and "code_l_1" in codes.columns
     assert metrics["quantizer"]["kind"] == "mmdict"
-    assert (out / "quantizer" / "weights.safetensors").exists()
+    assert (out / "quantizers" / "mmtok" / "weights.safetensors").exists()
     # the MLflow store holds the parent run and one nested run per variant
     import mlflow
 
@@ -35,14 +35,24 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert len(runs) == 6
     parent = runs[runs["run_id"] == metrics["mlflow_run_id"]].iloc[0]
     assert parent["metrics.lift_lost"] == pytest.approx(metrics["quantization_loss"]["lift_lost"])
-    # the ids variant is left servable at out/model, and as the parent run's artifact
+    # Every variant left a servable model; the ids one is also at out/model, and is its
+    # MLflow run's model.
     from mmtok.serving import ModelSlot
     from ranker.bundle import ServableModel
 
+    assert sorted(metrics["models"]) == sorted(metrics["variants"])
+    for name, directory in metrics["models"].items():
+        assert ServableModel.load(out / directory).model_version.startswith(f"{name}-")
     served = ServableModel.load(out / "model")
-    assert served.model_version.startswith("demo-ids-") and served.quantizer.kind == "mmdict"
-    slot = ModelSlot(f"runs:/{metrics['mlflow_run_id']}/model")
+    assert served.model_version.startswith("ids-") and served.quantizer.kind == "mmdict"
+    slot = ModelSlot(f"runs:/{metrics['variants']['ids']['mlflow_run_id']}/model")
     assert slot.current.model_version == served.model_version
+    # The demo's ids job, retrained from the job file it left.
+    assert main(["train", "--config", str(out / "job.toml"), "--out", str(tmp_path / "again"),
+                 "--no-track", "--quiet"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["auc"] == pytest.approx(metrics["variants"]["ids"]["auc"], abs=0.02)
+    assert ServableModel.load(tmp_path / "again" / "model").quantizer.kind == "mmdict"
 
 
 def test_each_job_logs_to_its_own_run_directory_unless_the_user_names_a_store(tmp_path,
@@ -110,3 +120,94 @@ def test_bad_input_gives_a_clear_error_not_a_trace(tmp_path, capsys):
     assert main(["featurize", "--items", str(tmp_path / "none.parquet"),
                  "--out", str(tmp_path / "e.parquet")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_users_own_events_go_split_quantize_train_register_serve(tmp_path, monkeypatch, capsys):
+    """README's "train your own" path with commands only: the events and embeddings of a
+    small synthetic world go through split, quantize, train --register, and the
+    registered model version is served and answers a Score request of 200 candidates, 40
+    of them brand-new ads that carry only their embedding."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+    from google.protobuf import json_format
+
+    from mmtok.serving import ModelSlot
+    from proto.mmtok.v1 import Candidate, ScoreRequest
+
+    root = Path(__file__).resolve().parents[1]
+    store = f"sqlite:///{tmp_path / 'team.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    data, split, q = tmp_path / "data", tmp_path / "split", tmp_path / "q"
+    assert main(["data", "synthetic", "--out", str(data), "--items", "1200", "--users", "300",
+                 "--events", "24000", "--dim", "16", "--quiet"]) == 0
+    # The world's newest 40 items stand in for brand-new ads: no event of theirs is used.
+    events = pl.read_parquet(data / "events.parquet")
+    embeddings = pl.read_parquet(data / "item_embeddings.parquet")
+    new_ads = embeddings.sort("item_id").tail(40)
+    events.filter(~pl.col("item_id").is_in(new_ads["item_id"].implode())).write_parquet(
+        tmp_path / "events.parquet")
+    embeddings.join(new_ads, on="item_id", how="anti").write_parquet(tmp_path / "emb.parquet")
+    assert main(["split", "--events", str(tmp_path / "events.parquet"), "--out", str(split)]) == 0
+    assert "cold test rows" in capsys.readouterr().out
+    assert {p.name for p in split.iterdir()} >= {"train.parquet", "valid.parquet", "test.parquet"}
+    assert main(["quantize", "--embeddings", str(tmp_path / "emb.parquet"), "--out", str(q),
+                 "--quantizer", "rq-kmeans", "--scale-sizes", "8,16", "--quiet"]) == 0
+    job = tmp_path / "job.toml"
+    job.write_text(f'split_dir = "{split}"\nout = "{tmp_path / "unused"}"\nvariant = "ids"\n'
+                   f'item_codes = "{q / "item_codes.parquet"}"\nquantizer = "{q / "quantizer"}"\n'
+                   '\n[ranker]\nepochs = 2\n')
+    assert main(["train", "--config", str(job), "--out", str(tmp_path / "run"),
+                 "--register", "demo-ids", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "models:/demo-ids/1" in printed and "servable model ids-" in printed
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not (tmp_path / "unused").exists()  # --out replaced the file's out
+
+    # The logged model is an MLflow pyfunc model: predict gives the run's test scores.
+    mlflow.set_tracking_uri(store)
+    run_id = mlflow.search_runs(experiment_names=["mmtok-train"]).iloc[0]["run_id"]
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["test_auc"] == pytest.approx(metrics["auc"])
+    assert run.data.metrics["valid_auc"] == pytest.approx(
+        metrics["history"][metrics["best_epoch"] - 1]["valid_auc"])
+    assert not any(k.startswith("test_world") for k in run.data.metrics)
+    test = pl.read_parquet(split / "test.parquet")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    np.testing.assert_allclose(pyfunc.predict(test.to_pandas()),
+                               pl.read_parquet(tmp_path / "run" / "test_predictions.parquet")["prob"],
+                               rtol=0, atol=1e-5)
+    # An alias the team sets serves the same version.
+    mlflow.MlflowClient().set_registered_model_alias("demo-ids", "champion", "1")
+    assert ModelSlot("models:/demo-ids@champion").current.model_version == metrics["model_version"]
+
+    user = int(test["user_id"][0])
+    context = {name: int(test[name][0]) for name in test.columns if name.startswith("cat_")}
+    known = test["item_id"].unique().sort().head(160).to_list()
+    cands = [Candidate(item_id=i) for i in known] + [
+        Candidate(item_id=int(i), embedding=e) for i, e in new_ads.iter_rows()]
+    request = ScoreRequest(user_id=user, context=context, candidates=cands)
+    (tmp_path / "request.json").write_text(json_format.MessageToJson(request))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "mmtok.cli", "serve", "--model",
+                             "models:/demo-ids/1", "--port", "0"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " on 127.0.0.1:" in line and metrics["model_version"] in line, line
+        addr = line.split(" on ")[1].split()[0]
+        assert main(["score", "--addr", addr, "--request", str(tmp_path / "request.json"),
+                     "--json"]) == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert len(reply["scores"]) == 200 and reply["model_version"] == metrics["model_version"]
+        assert sum(reply["tokenized"]) == 40 and all(0 < s < 1 for s in reply["scores"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
