@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mmdata import read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
-from mmtok.train_cmd import log_train_run, quiet_planner_warnings, train_job
+from mmtok.train_cmd import log_train_run, train_job
 from quantizer import build_quantizer, build_quantizers, encode_items, quantizer_metrics, save_quantizer
 from ranker import RankerConfig, comparison_intervals, quantization_loss
 from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob
@@ -94,7 +94,6 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     if quantizer != "mmdict":
         quantizers["mmtok"] = build_quantizer(quantizer, seed=seed, steps=quantizer_steps,
                                               scale_sizes=scale_sizes, levels=levels)
-    quiet_planner_warnings()
     started = time.perf_counter()
     timings = dict(timings or {})
     earlier_s = sum(timings.values())

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,15 +39,6 @@ def init_from_torchrun() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
     return True
-
-
-def quiet_planner_warnings() -> None:
-    """TorchRec's planner warns on every run of a small model ("... otherwise, the job
-    will fail") about storage it has plenty of; a user should not read that each time."""
-    warnings.filterwarnings("ignore", module=r"torchrec\.distributed\.planner.*")
-    import logging
-
-    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
 
 
 def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool = False,
@@ -117,7 +107,6 @@ def run_train_command(config: Path, *, resume: bool, progress: bool, out: Path |
     job = TrainJob.from_toml(config, out=str(out) if out else None, variant=variant)
     if register and not track:
         raise ValueError("--register needs the MLflow run (drop --no-track)")
-    quiet_planner_warnings()
     joined = init_from_torchrun()
     try:
         metrics = run_train_job(job, resume=resume, progress=progress, stop_after_steps=max_steps)
