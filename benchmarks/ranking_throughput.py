@@ -45,10 +45,13 @@ def rss_mb() -> float:
 def variant_features(split: Path, codes: Path, variant: str,
                      config: RankerConfig) -> FeatureEncoder:
     """The feature encoder ``variant`` trains with (no dense content: ids variants only).
-    ``codes``: a bench's ``codes/<name>.parquet``; its quantizer is the bench's
-    ``quantizers/<name>``."""
+    ``codes``: ``mmtok quantize``'s ``OUT/item_codes.parquet`` (its quantizer is
+    ``OUT/quantizer``) or a bench's ``codes/<name>.parquet`` (``quantizers/<name>``)."""
+    quantizer = codes.parent / "quantizer"
+    if not quantizer.is_dir():
+        quantizer = codes.parent.parent / "quantizers" / codes.stem
     job = TrainJob(split_dir=str(split), out="-", variant=variant, item_codes=str(codes),
-                   quantizer=str(codes.parent.parent / "quantizers" / codes.stem), ranker=config)
+                   quantizer=str(quantizer), ranker=config)
     return FeatureEncoder.from_config(pl.scan_parquet(split / "train.parquet"),
                                       load_item_content(job), config,
                                       use_codes=variant.startswith("ids"), use_dense_content=False)

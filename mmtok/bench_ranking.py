@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from mmdata import read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
-from mmtok.train_cmd import log_train_run, train_job
-from quantizer import build_quantizer, build_quantizers, encode_items, quantizer_metrics, save_quantizer
+from mmtok.train_cmd import launch_train_job, log_train_run
+from quantizer import build_quantizers, encode_items, quantizer_metrics, save_quantizer
 from ranker import RankerConfig, comparison_intervals, quantization_loss
 from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob
 
@@ -75,7 +75,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
 
     Every variant (and seed) is one ``TrainJob`` run by ``mmtok.train_cmd.train_job``,
     here or under torchrun (``nproc``); each leaves its servable model under
-    ``variants/<name>/model``, and ``OUT/job.toml`` is the ``ids`` job to retrain.
+    ``variants/<name>/model``, and when ``ids`` runs, ``OUT/job.toml`` is its job to retrain.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,10 +90,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(table)}")
     # Built (not fitted) before any work, so a bad layout is refused at once.
-    quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=quantizer_steps)
-    if quantizer != "mmdict":
-        quantizers["mmtok"] = build_quantizer(quantizer, seed=seed, steps=quantizer_steps,
-                                              scale_sizes=scale_sizes, levels=levels)
+    quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=quantizer_steps,
+                                  kind=quantizer)
     started = time.perf_counter()
     timings = dict(timings or {})
     earlier_s = sum(timings.values())
@@ -141,7 +139,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                            "scale_sizes": ",".join(map(str, scale_sizes)),
                            "levels": levels,
                            "ranker_seeds": ",".join(map(str, ranker_seeds or [config.seed])),
-                           **flat_params("ranker", asdict(config))})
+                           **flat_params("ranker", asdict(config)),
+                           **flat_params("quantizer", asdict(quantizers["mmtok"].config))})
         mlflow.log_metrics({f"quantizer.{name}.{k}": v for name, m in qmetrics.items()
                             for k, v in m.items() if isinstance(v, (int, float))})
         for name in tqdm(variants, desc="variants", disable=not progress, leave=False):
@@ -158,8 +157,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             for ranker_seed in ranker_seeds or [config.seed]:
                 seeded = replace(job, ranker=replace(config, seed=ranker_seed),
                                  out=job.out if not ranker_seeds else f"{job.out}/seed-{ranker_seed}")
-                runs.append(train_job(seeded, nproc=nproc, progress=progress,
-                                      keep_checkpoints=False))
+                runs.append(launch_train_job(seeded, nproc=nproc, progress=progress,
+                                             keep_checkpoints=False))
                 predicted = pl.read_parquet(Path(seeded.out) / PREDICTIONS_FILE)
                 test_rows = predicted.select("label", "is_cold") if test_rows is None else test_rows
                 probs.append(predicted["prob"].to_numpy())

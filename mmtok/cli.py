@@ -133,9 +133,10 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"(valid AUC {metrics['valid_auc']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
         print(f"servable model {metrics['model_version']} -> {metrics['model_dir']}")
         if "mlflow_run_id" in metrics:
-            print(f"MLflow run {metrics['mlflow_run_id']}: serve runs:/{metrics['mlflow_run_id']}/model"
-                  + (f" or models:/{args.register}/{metrics['registered_version']}"
-                     if args.register else ""))
+            model = f"models:/{args.register}/{metrics['registered_version']}" if args.register \
+                else f"runs:/{metrics['mlflow_run_id']}/model"
+            print(f"MLflow run {metrics['mlflow_run_id']}; serve it with: "
+                  f"MLFLOW_TRACKING_URI={metrics['mlflow_tracking_uri']} mmtok serve --model {model}")
 
 
 def cmd_split(args: argparse.Namespace) -> None:

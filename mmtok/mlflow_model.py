@@ -10,6 +10,9 @@ Example::
     model = mlflow.pyfunc.load_model("runs:/<run id>/model")
     probs = model.predict(events_df)     # (n,) click probabilities
     # mmtok serve --model runs:/<run id>/model   serves the same bundle
+
+Loading needs mmtok installed where it runs (the loader module is mmtok's own); the
+logged requirements pin the libraries it imports to the versions that trained it.
 """
 
 from __future__ import annotations
@@ -46,8 +49,13 @@ class RankerPyfunc:
         if "embedding" in events.columns:
             new = self.model.content_rows(events["item_id"].to_numpy()) == NEW_ITEM
             if self.model.needs_content and new.any():
-                new_embeddings = np.array(events.filter(pl.Series(new))["embedding"].to_list(),
-                                          dtype=np.float32)
+                sent = events.filter(pl.Series(new))
+                lacking = sent.filter(pl.col("embedding").is_null())
+                if lacking.height:
+                    raise ValueError(f"item_id {lacking['item_id'][0]} is unknown to model "
+                                     f"{self.model.model_version} and its embedding is empty "
+                                     f"({lacking.height} such rows)")
+                new_embeddings = np.array(sent["embedding"].to_list(), dtype=np.float32)
             events = events.drop("embedding")
         return self.model.score_events(events, new_embeddings)
 
@@ -80,7 +88,8 @@ def log_model(bundle: Path, *, register: str | None = None) -> str | None:
     requirements = []
     for package in _REQUIREMENTS:
         try:
-            requirements.append(f"{package}=={version(package)}")
+            # Without the local tag (2.13.0+cpu): the registry's name for the release.
+            requirements.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:
             continue
     info = mlflow.pyfunc.log_model(name="model", loader_module=__name__, data_path=str(bundle),

@@ -192,10 +192,12 @@ def _user_cross(column: str) -> str:
     return f", the user crossed with {named} (ID variants)"
 
 
-def _table_section(title: str, text: str, columns: list[str], aligns: str) -> list[str]:
-    """A report section's heading, paragraph and table head (``aligns``: the separator
-    row after the first column's ``---|``)."""
-    return ["", f"## {title}", "", text, "", f"| {' | '.join(columns)} |", f"|---|{aligns}|"]
+def _table_section(title: str, text: str, columns: list[str], numeric: int) -> list[str]:
+    """A report section's heading, paragraph and table head; the last ``numeric``
+    columns hold numbers (right-aligned)."""
+    aligns = ["---"] * (len(columns) - numeric) + ["---:"] * numeric
+    return ["", f"## {title}", "", text, "", f"| {' | '.join(columns)} |",
+            f"|{'|'.join(aligns)}|"]
 
 
 def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
@@ -281,7 +283,7 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             "Quantization loss",
             "`lift lost = (AUC_dense - AUC_V) / (AUC_dense - 0.5)`: the share of the dense model's "
             "lift over chance that variant V loses; negative means V beats dense.",
-            ["measure", "compares", "value"], "---|---:")
+            ["measure", "compares", "value"], numeric=1)
         labels = {"lift_lost": "ids vs dense", "lift_lost_cold": "ids vs dense, cold items",
                   "lift_lost_recon": "recon vs dense (MmDict's \"< 1% on the task\")"}
         for key, value in loss.items():
@@ -295,7 +297,7 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             "interval is what the test set's size alone leaves open; training-seed variation "
             "comes on top (`--seeds` averages it down). \"Ahead\" is the share of resamples "
             "on which the first variant beats the second.",
-            ["comparison", "rows", "value", "95% interval", "ahead on"], "---|---:|---:|---:")
+            ["comparison", "rows", "value", "95% interval", "ahead on"], numeric=3)
         for key, e in intervals.items():
             lines.append(f"| `{key}`: {e['variant']} vs {e['reference']} | {e['rows']} | "
                          f"{_measure(e, e['value'])} | {_interval(e)} | "

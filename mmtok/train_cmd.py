@@ -57,9 +57,11 @@ def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool =
                            "world_size": metrics.get("world_size", 1),
                            "model_version": metrics.get("model_version", ""),
                            **flat_params("ranker", asdict(job.ranker))})
+        # The curves by epoch under names of their own: MLflow shows a metric's value at
+        # its highest step, which would hide the restored best epoch's valid_auc.
         for row in metrics.get("history", []):
-            mlflow.log_metrics({"train_loss": row["train_loss"], "valid_auc": row["valid_auc"]},
-                               step=row["epoch"])
+            mlflow.log_metrics({"epoch_train_loss": row["train_loss"],
+                                "epoch_valid_auc": row["valid_auc"]}, step=row["epoch"])
         final = {f"test_{k}": metrics[k] for k in _TEST_METRICS if k in metrics}
         # The model the run keeps is the best epoch's: its validation AUC, not the last one's.
         final |= {k: metrics[k] for k in ("valid_auc", "best_epoch", "train_examples_per_s")
@@ -74,7 +76,7 @@ def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool =
         return run.info.run_id, version
 
 
-def train_job(job: TrainJob, *, nproc: int = 1, progress: bool = True,
+def launch_train_job(job: TrainJob, *, nproc: int = 1, progress: bool = True,
               keep_checkpoints: bool = True) -> dict:
     """Trains one job, in this process (``nproc`` 1) or under ``torchrun`` with ``nproc``
     gloo/nccl processes; returns its metrics. ``keep_checkpoints=False`` deletes a
@@ -116,6 +118,9 @@ def run_train_command(config: Path, *, resume: bool, progress: bool, out: Path |
         if track and (not dist.is_initialized() or dist.get_rank() == 0):
             metrics["mlflow_run_id"], metrics["registered_version"] = log_train_run(
                 job, metrics, run_name=f"train-{job.variant}", register=register)
+            import mlflow
+
+            metrics["mlflow_tracking_uri"] = mlflow.get_tracking_uri()
     finally:
         if joined:
             dist.destroy_process_group()

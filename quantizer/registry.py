@@ -49,24 +49,26 @@ def save_quantizer(quantizer: Quantizer, directory: str | Path) -> Path:
 def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
                     scale_sizes: list[int] | None = None, levels: int | None = None
                     ) -> MmDictQuantizer | ResidualKMeansQuantizer:
-    """An unfitted quantizer by its command-line name: "mmdict" (the learned one) or
-    "rq-kmeans" (parallel residual k-means scales, the simple baseline). Unset
-    arguments keep the config's defaults; ``q.config`` holds the result."""
+    """An unfitted quantizer of a (scales x levels) layout: "mmdict" (the learned one) or
+    "rq-kmeans" (parallel residual k-means scales, the simple baseline; its saved kind
+    is "residual_kmeans", also accepted here). Unset arguments keep the config's
+    defaults; ``q.config`` holds the result."""
     layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items()
               if v is not None}
     if kind == "mmdict":
         return MmDictQuantizer(MmDictConfig(seed=seed, **layout,
                                             **({"steps": steps} if steps else {})))
-    if kind == "rq-kmeans":
+    if kind in ("rq-kmeans", ResidualKMeansQuantizer.kind):
         return ResidualKMeansQuantizer(ResidualKMeansConfig(seed=seed, **layout))
     raise ValueError(f"unknown quantizer {kind!r}: choose 'mmdict' or 'rq-kmeans'")
 
 
-def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None
-                     ) -> dict[str, Quantizer]:
-    """mmtok and the baselines at the same total bits, unfitted, keyed "mmtok",
-    "faiss_rq", "faiss_pq", "kmeans", "lsh" (k-means: one codebook of the largest size)."""
-    mmtok = build_quantizer("mmdict", seed=seed, steps=steps, scale_sizes=scale_sizes,
+def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None,
+                     kind: str = "mmdict") -> dict[str, Quantizer]:
+    """mmtok's quantizer (of ``kind``, see ``build_quantizer``) and the baselines at the
+    same total bits, unfitted, keyed "mmtok", "faiss_rq", "faiss_pq", "kmeans", "lsh"
+    (k-means: one codebook of the largest size)."""
+    mmtok = build_quantizer(kind, seed=seed, steps=steps, scale_sizes=scale_sizes,
                             levels=levels)
     bits = int(round(total_bits(mmtok.codebook_sizes)))
     pq_bits = next((b for b in (8, 6, 4, 3, 2, 1) if bits % b == 0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,12 +156,8 @@ class ServableModel:
         new_codes = self.quantizer.encode(new_embeddings, validate=False) \
             if any_new and self.needs_quantizer else None  # (m, c)
         content = vectors = None
-        if f.use_codes:
-            codes = np.empty((n, len(f.content.code_names)), dtype=np.int64)  # (n, c)
-            codes[~new] = f.content.codes[known_rows]
-            if any_new:
-                codes[new] = new_codes
-            content = f.content_features(codes)
+        if f.use_codes:  # known items' rows precomputed, new ads' from their codes
+            content = f.candidate_content(content_row, new_codes)
         if f.use_dense_content:
             dense_content = np.empty((n, self.embedding_dim), dtype=np.float32)  # (n, d)
             dense_content[~new] = f.content.vectors[known_rows]
@@ -226,6 +223,7 @@ class ServableModel:
         for fname, data in files.items():
             (directory / fname).write_bytes(data)
         hashes = {fname: _sha256(data) for fname, data in files.items()}
+        shutil.rmtree(directory / "quantizer", ignore_errors=True)  # no stale files in a re-save
         if self.quantizer is not None:
             qdir = save_quantizer(self.quantizer, directory / "quantizer")
             for path in sorted(qdir.iterdir()):

@@ -17,6 +17,12 @@ class Variant:
     # Dense content input: None, "embedding" (the encoder's vector) or "recon" (decode(encode(x))).
     dense: str | None
 
+    @property
+    def reads_codes(self) -> bool:
+        """Whether the variant needs the items' codes (and the quantizer that made them):
+        as features, or decoded into its content vectors."""
+        return self.codes or self.dense == "recon"
+
 
 VARIANTS = {
     "no_content": Variant(codes=False, dense=None),

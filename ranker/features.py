@@ -382,6 +382,31 @@ class FeatureEncoder:
             cross = torch.from_numpy(np.ascontiguousarray(ids[:, self._cross_column]))
         return ContentColumns(torch.from_numpy(np.ascontiguousarray(bags)), cross)
 
+    def candidate_content(self, content_row: np.ndarray, new_codes: np.ndarray | None
+                          ) -> ContentColumns:
+        """Content columns of a request's candidates: a known item's precomputed row
+        (``content_row >= 0``), a new item's from its codes (``content_features``).
+
+        Args:
+            content_row: (n,) int64 row in the content table, negative for a new item.
+            new_codes: (m, c) int64 raw codes of the new items, in candidate order
+                (None when m is 0).
+        """
+        new = np.flatnonzero(content_row < 0)
+        known = np.flatnonzero(content_row >= 0)
+        table = self._content_columns
+        bags = torch.empty((len(content_row), table.bags.shape[1]), dtype=torch.int64)  # (n, K)
+        cross = None if table.cross is None else torch.empty(len(content_row), dtype=torch.int64)
+        parts = [(known, table[torch.from_numpy(content_row[known])])]
+        if len(new):
+            parts.append((new, self.content_features(new_codes)))
+        for index, columns in parts:
+            index = torch.from_numpy(index)
+            bags[index] = columns.bags
+            if cross is not None:
+                cross[index] = columns.cross
+        return ContentColumns(bags, cross)
+
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The fitted state without the item content: JSON-able settings and named arrays
         (id vocabularies, dense-context standardization), for ``from_state``."""

@@ -84,8 +84,7 @@ class TrainJob:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r}: choose from {list(VARIANTS)}")
         variant = VARIANTS[self.variant]
-        reads_codes = variant.codes or variant.dense == "recon"
-        needs = {"item_codes": reads_codes, "quantizer": reads_codes,
+        needs = {"item_codes": variant.reads_codes, "quantizer": variant.reads_codes,
                  "item_embeddings": variant.dense == "embedding"}
         missing = [name for name, needed in needs.items() if needed and not getattr(self, name)]
         if missing:
@@ -135,7 +134,7 @@ def load_item_content(job: TrainJob, quantizer: Quantizer | None = None) -> Item
     ``quantizer``: the job's, if the caller has loaded it already."""
     variant = VARIANTS[job.variant]
     frames = []
-    if job.item_codes and (variant.codes or variant.dense == "recon"):
+    if variant.reads_codes:
         quantizer = quantizer or load_quantizer(job.quantizer)
         codes = read_codes(job.item_codes)
         if code_columns(codes) != list(quantizer.code_names):
@@ -186,8 +185,7 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     out = Path(job.out)
     split = Path(job.split_dir)
     variant = VARIANTS[job.variant]
-    quantizer = load_quantizer(job.quantizer) if job.quantizer and \
-        (variant.codes or variant.dense == "recon") else None
+    quantizer = load_quantizer(job.quantizer) if variant.reads_codes else None
     content = load_item_content(job, quantizer)
     train_scan = pl.scan_parquet(split / "train.parquet")
     features = FeatureEncoder.from_config(train_scan if job.streaming else train_scan.collect(),

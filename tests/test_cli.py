@@ -181,6 +181,19 @@ def test_a_users_own_events_go_split_quantize_train_register_serve(tmp_path, mon
     np.testing.assert_allclose(pyfunc.predict(test.to_pandas()),
                                pl.read_parquet(tmp_path / "run" / "test_predictions.parquet")["prob"],
                                rtol=0, atol=1e-5)
+    # A brand-new item carries its embedding in an `embedding` column; known ones need none.
+    from ranker import ServableModel
+
+    rows = test.head(4).with_columns(
+        item_id=pl.Series([int(test["item_id"][0]), int(test["item_id"][1]),
+                           *new_ads["item_id"].head(2).to_list()]),
+        embedding=pl.Series([None, None, *new_ads["embedding"].head(2).to_list()]))
+    offline = ServableModel.load(tmp_path / "run" / "model").score_events(
+        rows.drop("embedding"), np.stack(new_ads["embedding"].head(2).to_numpy()))
+    np.testing.assert_allclose(pyfunc.predict(rows.to_pandas()), offline, rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="embedding is empty"):
+        pyfunc.predict(rows.with_columns(embedding=pl.lit(None, dtype=rows["embedding"].dtype))
+                       .to_pandas())
     # An alias the team sets serves the same version.
     mlflow.MlflowClient().set_registered_model_alias("demo-ids", "champion", "1")
     assert ModelSlot("models:/demo-ids@champion").current.model_version == metrics["model_version"]

@@ -143,7 +143,7 @@ class ModelSlot:
                 model = ServableModel.load(bundle_directory(directory))  # all in memory now
         else:
             # Resolve a symlink once, so a flip during the load cannot mix two versions.
-            model = ServableModel.load(Path(self.source).resolve())
+            model = ServableModel.load(bundle_directory(Path(self.source).resolve()))
         warm_up(model)
         return model
 
@@ -156,7 +156,7 @@ class ModelSlot:
             old = self.current
             try:
                 if not is_mlflow_uri(self.source):
-                    manifest = ServableModel.read_manifest(self.source)
+                    manifest = ServableModel.read_manifest(bundle_directory(self.source))
                     if manifest["model_version"] == old.model_version:
                         return False
                 model = self._load()
