@@ -275,7 +275,7 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"| {name} | {_fmt(m['auc'])}{spread} "
             f"| {_fmt(m.get('auc_warm'))} | {_fmt(m.get('auc_cold'))} "
             f"| {_fmt(m['logloss'])} | {_fmt(m['ne'])} | {m.get('train_examples_per_s', 0):,.0f} "
-            f"| {_fmt(m.get('best_epoch', '-'), 1)} |"
+            f"| {_fmt(m.get('best_epoch', '-'), 2)} |"
         )
     loss = metrics.get("quantization_loss") or {}
     if loss:

@@ -57,15 +57,15 @@ def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool =
                            "world_size": metrics.get("world_size", 1),
                            "model_version": metrics.get("model_version", ""),
                            **flat_params("ranker", asdict(job.ranker))})
-        # The curves by epoch under names of their own: MLflow shows a metric's value at
-        # its highest step, which would hide the restored best epoch's valid_auc.
+        # The curves by training step under names of their own: MLflow shows a metric's
+        # value at its highest step, which would hide the restored best step's valid_auc.
         for row in metrics.get("history", []):
-            mlflow.log_metrics({"epoch_train_loss": row["train_loss"],
-                                "epoch_valid_auc": row["valid_auc"]}, step=row["epoch"])
+            mlflow.log_metrics({"train_loss_by_step": row["train_loss"],
+                                "valid_auc_by_step": row["valid_auc"]}, step=row["step"])
         final = {f"test_{k}": metrics[k] for k in _TEST_METRICS if k in metrics}
         # The model the run keeps is the best epoch's: its validation AUC, not the last one's.
-        final |= {k: metrics[k] for k in ("valid_auc", "best_epoch", "train_examples_per_s")
-                  if k in metrics}
+        final |= {k: metrics[k] for k in ("valid_auc", "best_epoch", "best_step",
+                                           "train_examples_per_s") if k in metrics}
         mlflow.log_metrics({k: float(v) for k, v in final.items() if np.isfinite(v)})
         out = Path(job.out)
         for name in ("metrics.json", "job.toml"):

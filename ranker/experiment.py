@@ -77,9 +77,11 @@ COMPARISONS = {
 def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[str, np.ndarray],
                          *, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                          level: float = 0.95) -> dict:
-    """How sure the test set lets a report be of each of ``COMPARISONS`` whose variants
-    ran, and of mmtok's IDs against each baseline's (``<name>_ids`` in ``scores``): a
-    paired bootstrap over the test rows (``metrics.bootstrap_aucs``).
+    """How sure the test set and the training seeds let a report be of each of
+    ``COMPARISONS`` whose variants ran, and of mmtok's IDs against each baseline's
+    (``<name>_ids`` in ``scores``): a bootstrap paired over the test rows that also
+    draws each variant's seeds (``metrics.bootstrap_aucs``), so seeds that disagree
+    widen the interval.
 
     Args:
         labels: (N,) test labels; is_cold: (N,) bool.
@@ -91,9 +93,9 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
         "p_favourable"}}``: what is compared (as in ``COMPARISONS``), the comparison on the
         whole test set, its ``level`` interval, and the share of resamples on which V comes
         out ahead of R; a lift-lost entry adds ``p_under_bar``, the share under
-        ``LIFT_LOST_BAR``. The interval is over test rows only: seed-to-seed variation of
-        training adds to it (``--seeds`` averages it down). A comparison whose rows hold
-        one class only (e.g. no cold test rows) is left out.
+        ``LIFT_LOST_BAR``. With one seed per variant the interval covers the test rows
+        only. A comparison whose rows hold one class only (e.g. no cold test rows) is
+        left out.
     """
     specs = COMPARISONS | {f"ids_vs_{name}": ("ids", name, "all", "auc_diff")
                            for name in scores if name.endswith("_ids")}

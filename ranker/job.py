@@ -177,7 +177,7 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     """Trains the job's variant, tests the best step's model, and exports it.
 
     Returns (and on rank 0 writes to ``out/metrics.json``) the test metrics with
-    ``valid_auc`` (the restored best epoch's), ``train_examples_per_s``, the history and
+    ``valid_auc`` (the restored best step's), ``train_examples_per_s``, the history and
     the exported ``model_version``. Rank 0 writes ``out/model/``, the servable bundle
     (under several processes the ranks' table shards are gathered to it first), and
     ``out/test_predictions.parquet``."""
@@ -212,10 +212,10 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     test = features.encode(test_events, where="test events")
     probs = predict(trained.model, features, test)
     metrics = ranking_metrics(test.labels.numpy(), probs, test.is_cold.numpy())
-    best = trained.history[trained.best_epoch - 1] if trained.best_epoch else {}
-    metrics.update(valid_auc=best.get("valid_auc", float("nan")),
+    metrics.update(valid_auc=trained.valid_auc,
                    train_examples_per_s=trained.train_examples_per_s,
-                   best_epoch=trained.best_epoch, history=trained.history,
+                   best_epoch=trained.best_epoch, best_step=trained.best_step,
+                   history=trained.history,
                    world_size=shard.world_size, resumed=trained.resumed,
                    wall_s=time.perf_counter() - started)
     # Collective under several processes: every rank sends its table shards to rank 0.

@@ -80,20 +80,25 @@ class _SortedScores:
 
 def bootstrap_aucs(labels: np.ndarray, scores: dict[str, np.ndarray], *,
                    subsets: dict[str, np.ndarray] | None = None, n_boot: int = 1000,
-                   seed: int = 0, block: int = 50) -> dict[tuple[str, str], np.ndarray]:
-    """Paired bootstrap of test AUC over the test rows: every variant is scored on the
-    same ``n_boot`` resamples (rows drawn with replacement), so differences between
-    variants keep their pairing, and the spread is what the test set's finite size alone
-    leaves uncertain (not training-seed variation).
+                   seed: int = 0, block: int = 50,
+                   resample_seeds: bool = True) -> dict[tuple[str, str], np.ndarray]:
+    """Bootstrap of test AUC over the test rows and the training seeds: every variant is
+    scored on the same ``n_boot`` resamples of the rows (drawn with replacement), so
+    differences between variants keep their pairing; and a variant trained with S > 1
+    seeds has its seeds drawn with replacement too, independently per variant and
+    resample, so the spread covers what the test set's size and what training's seed
+    leave uncertain. (With few seeds the seed part is rough: 3 seeds bound it loosely.)
 
     Args:
         labels: (N,) 0/1.
         scores: variant -> (N,) scores, or (S, N) for S seeds of that variant (its AUC
-            on a resample is then the mean of the seeds' AUCs, as a multi-seed report's is).
+            on a resample is then the mean of the drawn seeds' AUCs, as a multi-seed
+            report's is the mean of its seeds').
         subsets: name -> (N,) bool mask of the rows to score on (e.g. ``{"all": ...,
             "cold": is_cold}``): a resample's rows inside the mask, so the subset's
             intervals come from the same draws as the whole set's.
         n_boot: resamples. block: resamples drawn at once (memory: a few block x N floats).
+        resample_seeds: draw the seeds too (False: the rows only, the seeds averaged).
 
     Returns:
         ``{(variant, subset): (n_boot,) AUCs}``.
@@ -111,15 +116,22 @@ def bootstrap_aucs(labels: np.ndarray, scores: dict[str, np.ndarray], *,
     out: dict[tuple[str, str], list[np.ndarray]] = {
         (v, s): [] for v in scores for s in subsets}
     masks = {name: np.asarray(mask, dtype=bool) for name, mask in subsets.items()}
-    sorted_scores = {(v, name): [_SortedScores(labels[mask], row[mask]) for row in
-                                 np.atleast_2d(np.asarray(s, dtype=np.float64))]  # per seed
-                     for v, s in scores.items() for name, mask in masks.items()}
+    per_seed = {v: np.atleast_2d(np.asarray(s, dtype=np.float64)) for v, s in scores.items()}
+    sorted_scores = {(v, name): [_SortedScores(labels[mask], row[mask]) for row in rows]
+                     for v, rows in per_seed.items() for name, mask in masks.items()}
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
         draws = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
         # (N, b) float32: integer counts, exact; a row per test row gathers contiguously.
         counts = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).T.astype(np.float32)
+        # (S, b) each seed's weight in each resample's mean: the share of S draws it got.
+        seed_weights = {v: (rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)),
+                                            size=b).T / len(rows)
+                            if resample_seeds and len(rows) > 1
+                            else np.full((len(rows), b), 1 / len(rows)))
+                        for v, rows in per_seed.items()}
         for (variant, subset), seeds in sorted_scores.items():
             w = counts[masks[subset]]
-            out[variant, subset].append(np.mean([s.aucs(w) for s in seeds], axis=0))
+            aucs = np.stack([s.aucs(w) for s in seeds])  # (S, b)
+            out[variant, subset].append((aucs * seed_weights[variant]).sum(axis=0))
     return {key: np.concatenate(parts) for key, parts in out.items()}

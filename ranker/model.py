@@ -38,8 +38,12 @@ class RankerConfig:
     # Examples per optimizer step over all processes (each of N ranks takes batch_size / N).
     batch_size: int = 512
     epochs: int = 8
-    # Stop after this many epochs without a better validation AUC.
-    patience: int = 2
+    # Validations per epoch, evenly spaced (the last at its end); the best one's weights
+    # are kept. A CTR model over-fits within an epoch once its ID rows start to memorise.
+    validations_per_epoch: int = 4
+    # Stop after this many validations without a better AUC (not counting those of the
+    # table warm-up: a model is not judged before its tables have learned).
+    patience: int = 4
     lr_dense: float = 1e-3
     lr_sparse: float = 0.02
     # Epochs at the start in which the tables hold still (learning rate 0) while the MLPs
@@ -100,6 +104,9 @@ class RankerConfig:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"table_optimizer must be one of {list(TABLE_OPTIMIZERS)}, "
                              f"got {self.table_optimizer!r}")
+        if self.validations_per_epoch < 1 or self.patience < 1:
+            raise ValueError(f"validations_per_epoch and patience must be >= 1, got "
+                             f"{self.validations_per_epoch} and {self.patience}")
         if self.code_pooling not in CODE_POOLINGS:
             raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "
                              f"got {self.code_pooling!r}")

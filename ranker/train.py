@@ -26,10 +26,15 @@ from ranker.model import TABLE_OPTIMIZERS, RankerConfig, RankingModel
 
 @dataclass
 class TrainResult:
+    # The best validation's weights (restored), plain under one process.
     model: nn.Module
-    # One dict per epoch: train_loss, valid_auc, seconds.
+    # One dict per validation: epoch (fractional: 1.5 is half-way through the second),
+    # step (global), train_loss (mean since the last validation), valid_auc.
     history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
+    # Where the restored weights come from, and their validation AUC.
+    best_epoch: float = 0.0
+    best_step: int = 0
+    valid_auc: float = float("nan")
     train_examples_per_s: float = 0.0
     # True when the run continued from a checkpoint.
     resumed: bool = False
@@ -184,6 +189,12 @@ def _restore_optimizer(opt: torch.optim.Optimizer, skeleton, tensors: dict, wher
         copy_into(opt.state_dict()["state"], saved["state"], where)
 
 
+def validation_steps(n_batches: int, per_epoch: int) -> set[int]:
+    """The steps (counted from 1 within an epoch of ``n_batches``) after which the model
+    is validated: ``per_epoch`` evenly spaced ones, the last at the epoch's end."""
+    return {-(-n_batches * (k + 1) // per_epoch) for k in range(min(per_epoch, n_batches))}
+
+
 def table_learning_rate(config: RankerConfig, epoch: int) -> float:
     """The tables' Adagrad rate in ``epoch`` (from 0): 0 in the warm-up epochs (the
     fused kernel still adds each touched row's squared gradient to its Adagrad sum),
@@ -211,7 +222,10 @@ def train_ranker(features: FeatureEncoder, train: EncodedEvents | InMemoryBatche
                  desc: str = "train", checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 0, resume: bool = False,
                  stop_after_steps: int | None = None) -> TrainResult:
-    """Trains with early stopping on validation AUC; returns the best epoch's model.
+    """Trains, validating ``config.validations_per_epoch`` times an epoch and stopping
+    after ``config.patience`` validations without a better AUC; returns the model with
+    the best validation's weights restored (a CTR model can peak mid-epoch, right after
+    its ID tables start to learn, and over-fit before the epoch ends).
 
     Args:
         features: the fitted feature encoder.
@@ -244,9 +258,9 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     result = TrainResult(model=model)
     progress = progress and shard.rank == 0
     # Everything a resumed run needs besides the tensors.
-    state = {"epoch": 0, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
-             "stale": 0, "history": [], "loss_sum": 0.0, "loss_n": 0, "seen": 0,
-             "train_seconds": 0.0, "epoch_seconds": 0.0}
+    state = {"epoch": 0, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0.0,
+             "best_step": 0, "stale": 0, "history": [], "loss_sum": 0.0, "loss_n": 0, "seen": 0,
+             "train_seconds": 0.0}
     best: dict[str, torch.Tensor] = {}
     best_skeleton = None
 
@@ -289,10 +303,34 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         if shard.rank == 0:
             prune_checkpoints(checkpoint_dir, Path(checkpoint_dir) / f"step-{state['global_step']:08d}")
 
+    def validate(epoch: int, n_batches: int) -> bool:
+        """Scores the validation events, keeps the best step's weights; True: stop."""
+        nonlocal best, best_skeleton
+        valid_auc = auc(valid.labels.numpy(), predict(model, features, valid))
+        train_loss = state["loss_sum"] / max(state["loss_n"], 1)
+        row = {"epoch": epoch + state["step"] / n_batches, "step": state["global_step"],
+               "train_loss": train_loss, "valid_auc": valid_auc}
+        state["history"].append(row)
+        state.update(loss_sum=0.0, loss_n=0)
+        if progress:
+            tqdm.write(f"{desc} epoch {row['epoch']:.2f} (step {row['step']}): train loss "
+                       f"{train_loss:.4f}  valid AUC {valid_auc:.4f}")
+        if valid_auc > state["best_auc"]:
+            state.update(best_auc=valid_auc, best_epoch=row["epoch"], best_step=row["step"],
+                         stale=0)
+            best = {}
+            best_skeleton = _model_state(model, best, "best")
+            return False
+        if epoch >= config.table_warmup_epochs:  # the tables have not had their turn yet
+            state["stale"] += 1
+        return state["stale"] >= config.patience
+
     model.train()
-    while state["epoch"] < config.epochs:
+    stop = False
+    while state["epoch"] < config.epochs and not stop:
         epoch = state["epoch"]
         n_batches = source.num_batches(epoch)
+        checks = validation_steps(n_batches, config.validations_per_epoch)
         for group in sparse_opt.param_groups:
             group["lr"] = table_learning_rate(config, epoch)
         sparse_opt.step()  # pushes the rate into the fused kernels (no update: no gradients)
@@ -309,38 +347,24 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             state["step"] += 1
             state["global_step"] += 1
             bar.update(1)
-            if checkpoint_every and state["global_step"] % checkpoint_every == 0 \
-                    and state["step"] < n_batches:
-                state["epoch_seconds"] += time.perf_counter() - start
+            if state["step"] in checks:  # validation time is not training time
+                state["train_seconds"] += time.perf_counter() - start
+                stop = validate(epoch, n_batches)
                 start = time.perf_counter()
+            if stop or state["step"] == n_batches:
+                break
+            if checkpoint_every and state["global_step"] % checkpoint_every == 0:
+                state["train_seconds"] += time.perf_counter() - start
                 checkpoint()
+                start = time.perf_counter()
             if stop_after_steps is not None and state["global_step"] >= stop_after_steps:
                 bar.close()
                 result.model = model
-                elapsed = state["train_seconds"] + state["epoch_seconds"] + time.perf_counter() - start
-                result.train_examples_per_s = state["seen"] / max(elapsed, 1e-9)
+                state["train_seconds"] += time.perf_counter() - start
+                result.train_examples_per_s = state["seen"] / max(state["train_seconds"], 1e-9)
                 return result
         bar.close()
-        seconds = state["epoch_seconds"] + time.perf_counter() - start
-        state["train_seconds"] += seconds
-        valid_auc = auc(valid.labels.numpy(), predict(model, features, valid))
-        train_loss = state["loss_sum"] / max(state["loss_n"], 1)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss,
-                                 "valid_auc": valid_auc, "seconds": seconds})
-        if progress:
-            tqdm.write(f"{desc} epoch {epoch + 1}: train loss {train_loss:.4f}  "
-                       f"valid AUC {valid_auc:.4f}  ({seconds:.1f}s)")
-        state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0, epoch_seconds=0.0)
-        stop = False
-        if valid_auc > state["best_auc"]:
-            state.update(best_auc=valid_auc, best_epoch=epoch + 1, stale=0)
-            best = {}
-            best_skeleton = _model_state(model, best, "best")
-        else:
-            state["stale"] += 1
-            stop = state["stale"] >= config.patience
-        if stop:
-            state["epoch"] = config.epochs
+        state.update(epoch=config.epochs if stop else epoch + 1, step=0)
         checkpoint()
     if best_skeleton is not None:
         _restore_model(model, best_skeleton, best, "best model")
@@ -348,5 +372,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         result.model = unshard_model(model, features, config)
     result.history = state["history"]
     result.best_epoch = state["best_epoch"]
+    result.best_step = state["best_step"]
+    result.valid_auc = state["best_auc"]
     result.train_examples_per_s = state["seen"] / max(state["train_seconds"], 1e-9)
     return result
