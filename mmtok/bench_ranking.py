@@ -34,6 +34,9 @@ CORE_VARIANTS = {"no_content": ("no_content", None), "dense": ("dense", None),
 BASELINES = ["faiss_rq", "faiss_pq", "kmeans", "lsh"]
 # The job a user retrains first: the content IDs variant (written as OUT/job.toml).
 STARTER_VARIANT = "ids"
+# Ranker seeds per variant: one seed of a CTR model moves AUC by more than many gaps the
+# report is read for; three let the intervals see the seed spread.
+DEFAULT_SEEDS = (0, 1, 2)
 
 
 def bench_variants(baselines: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -60,7 +63,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                       *, config: RankerConfig | None = None, variants: list[str] | None = None,
                       baselines: list[str] | None = None, scale_sizes: list[int] | None = None,
                       levels: int = 2, quantizer: str = "mmdict", quantizer_steps: int | None = None,
-                      nproc: int = 1, seed: int = 0, ranker_seeds: list[int] | None = None,
+                      nproc: int = 1, seed: int = 0, ranker_seeds=DEFAULT_SEEDS,
                       streaming: bool = True, progress: bool = True,
                       labels: ReportLabels | None = None,
                       timings: dict[str, float] | None = None) -> dict:
@@ -71,11 +74,13 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     and report the mean of each metric (the per-seed test AUCs under ``auc_seeds``, their
     standard deviation under ``auc_std``); the split and the quantizers keep ``seed``. One
     run of a small dataset moves AUC by a few thousandths, more than some gaps the report
-    is read for. ``timings``: earlier stages' seconds, reported with the bench's.
+    is read for, and the intervals draw the seeds too. ``timings``: earlier stages'
+    seconds, reported with the bench's.
 
-    Every variant (and seed) is one ``TrainJob`` run by ``mmtok.train_cmd.train_job``,
+    Every variant and seed is one ``TrainJob`` run by ``mmtok.train_cmd.launch_train_job``,
     here or under torchrun (``nproc``); each leaves its servable model under
-    ``variants/<name>/model``, and when ``ids`` runs, ``OUT/job.toml`` is its job to retrain.
+    ``variants/<name>/seed-<seed>/model``, and when ``ids`` runs, ``OUT/job.toml`` is its
+    first seed's job, to retrain.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +143,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                            "quantizer": quantizer, "encoder": labels.encoder,
                            "scale_sizes": ",".join(map(str, scale_sizes)),
                            "levels": levels,
-                           "ranker_seeds": ",".join(map(str, ranker_seeds or [config.seed])),
+                           "ranker_seeds": ",".join(map(str, ranker_seeds)),
                            **flat_params("ranker", asdict(config)),
                            **flat_params("quantizer", asdict(quantizers["mmtok"].config))})
         mlflow.log_metrics({f"quantizer.{name}.{k}": v for name, m in qmetrics.items()
@@ -151,12 +156,13 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 item_codes=str(codes_files[qname]) if qname else None,
                 quantizer=str(quantizer_dirs[qname]) if qname else None,
                 streaming=streaming, ranker=config)
-            if name == STARTER_VARIANT:
-                (out / "job.toml").write_text(replace(job, out=str(root / "retrain" / name)).to_toml())
             runs, probs = [], []
-            for ranker_seed in ranker_seeds or [config.seed]:
+            for ranker_seed in ranker_seeds:
                 seeded = replace(job, ranker=replace(config, seed=ranker_seed),
-                                 out=job.out if not ranker_seeds else f"{job.out}/seed-{ranker_seed}")
+                                 out=f"{job.out}/seed-{ranker_seed}")
+                if name == STARTER_VARIANT and not runs:
+                    (out / "job.toml").write_text(
+                        replace(seeded, out=str(root / "retrain" / name)).to_toml())
                 runs.append(launch_train_job(seeded, nproc=nproc, progress=progress,
                                              keep_checkpoints=False))
                 predicted = pl.read_parquet(Path(seeded.out) / PREDICTIONS_FILE)
@@ -165,9 +171,9 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 # One nested MLflow run per trained model, with its servable model.
                 runs[-1]["mlflow_run_id"], _ = log_train_run(
                     seeded, runs[-1], nested=True,
-                    run_name=name if not ranker_seeds else f"{name}-seed{ranker_seed}")
+                    run_name=f"{name}-seed{ranker_seed}")
             scores[name] = np.stack(probs)  # (S, N)
-            metrics = _mean_over_seeds(runs) if ranker_seeds else runs[0]
+            metrics = _mean_over_seeds(runs)
             results[name] = metrics
             log(f"{name:>14}: test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
                 f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
@@ -193,12 +199,13 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             "intervals": intervals,
             "nproc": nproc,
             "ranker": asdict(config),
-            "ranker_seeds": ranker_seeds or [config.seed],
+            "ranker_seeds": list(ranker_seeds),
             "timings": timings,
             "mlflow_run_id": parent.info.run_id,
+            # each variant's servable model, its first seed's (every seed has one)
+            "models": {name: f"variants/{name}/seed-{ranker_seeds[0]}/{MODEL_DIR}"
+                       for name in results},
         }
-        if not ranker_seeds:  # each variant's servable model (with seeds: one per seed)
-            report["models"] = {name: f"variants/{name}/{MODEL_DIR}" for name in results}
         (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
         md = write_ranking_report(out, report,
                                   title=labels.title or f"mmtok bench-ranking - {dataset}")

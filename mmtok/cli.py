@@ -35,8 +35,9 @@ def _int_list(text: str) -> list[int]:
 def cmd_demo(args: argparse.Namespace) -> None:
     from mmtok.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, epochs=args.epochs, quantizer=args.quantizer,
-             quantizer_steps=args.quantizer_steps, progress=not args.quiet)
+    run_demo(args.out, seed=args.seed, seeds=args.seeds, epochs=args.epochs,
+             quantizer=args.quantizer, quantizer_steps=args.quantizer_steps,
+             progress=not args.quiet)
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> None:
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="max ranker epochs (default: config)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="ranker seeds per variant (from --seed); the report's intervals cover them")
     p.add_argument("--quantizer", default="mmdict", choices=["mmdict", "rq-kmeans"],
                    help="content-ID quantizer: mmdict (default, the learned one) or rq-kmeans "
                         "(three parallel k-means scales)")
@@ -327,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer-steps", type=int, default=None, help="mmtok training steps")
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes per variant")
     p.add_argument("--in-memory", action="store_true", help="load training events in memory")
-    p.add_argument("--seeds", type=_int_list, default=None,
-                   help="train each variant once per ranker seed (e.g. 0,1,2) and report means")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2],
+                   help="train each variant once per ranker seed and report means, with "
+                        "intervals over the test rows and the seeds (default 0,1,2)")
     _seed_and_quiet(p)
     p.set_defaults(func=cmd_bench_ranking)
 

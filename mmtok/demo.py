@@ -23,10 +23,11 @@ from ranker.job import MODEL_DIR
 DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
 
 
-def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
+def run_demo(out_dir: str | Path, *, seed: int = 0, seeds: int = 3, epochs: int | None = None,
              variants: list[str] | None = None, quantizer: str = "mmdict",
              quantizer_steps: int | None = None, progress: bool = True) -> dict:
-    """Runs the whole pipeline on MovieLens-100K; returns what ``metrics.json`` holds."""
+    """Runs the whole pipeline on MovieLens-100K, every variant trained with ``seeds``
+    ranker seeds (from ``seed``); returns what ``metrics.json`` holds."""
     out = Path(out_dir)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -54,11 +55,12 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, epochs: int | None = None,
         events_path, data / "item_embeddings.parquet", out, config=config,
         variants=variants or DEMO_VARIANTS, baselines=[], quantizer=quantizer,
         quantizer_steps=quantizer_steps, seed=seed, progress=progress, timings=timings,
+        ranker_seeds=list(range(seed, seed + seeds)),
         labels=ReportLabels(experiment="mmtok-demo", run_name="demo-movielens-100k",
                             title="mmtok demo - MovieLens-100K", dataset="movielens-100k",
                             encoder=encoder.name))
-    served = out / "variants" / STARTER_VARIANT / MODEL_DIR
-    if served.is_dir():
+    if STARTER_VARIANT in metrics["models"]:
+        served = out / metrics["models"][STARTER_VARIANT]
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
         shutil.copytree(served, out / MODEL_DIR)
         log(f"servable model ({STARTER_VARIANT}) -> {out / MODEL_DIR}; retrain it with "

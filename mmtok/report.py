@@ -80,8 +80,9 @@ def plot_variant_auc(variants: dict[str, dict], path: Path, *, warmup_epochs: in
 
 
 def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
-    """Each comparison's value and 95% interval over the test rows, one panel per scale:
-    lift lost on all rows (with the 1% bar), lift lost on cold rows, AUC differences."""
+    """Each comparison's value and 95% interval (test rows and seeds), one panel per
+    scale: lift lost on all rows (with the 1% bar), on cold rows, content lift lost, AUC
+    differences."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +92,8 @@ def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
                lambda e: e["measure"] == "lift_lost" and e["rows"] == "all"),
               ("lift lost, cold rows: % of dense's lift", 100,
                lambda e: e["measure"] == "lift_lost" and e["rows"] == "cold"),
+              ("content lift lost: % of what content adds over no_content", 100,
+               lambda e: e["measure"] == "content_lift_lost"),
               ("AUC difference (> 0: the first variant is better)", 1,
                lambda e: e["measure"] == "auc_diff")]
     panels = [(title, scale, [k for k, e in intervals.items() if pick(e)])
@@ -112,7 +115,7 @@ def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
         ax.set_ylim(len(keys) - 0.4, -0.6)  # first comparison on top
         ax.set_title(title, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Value and 95% interval over the test rows (paired bootstrap)", fontsize=9)
+    fig.suptitle("Value and 95% interval over the test rows and seeds (bootstrap)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,25 +124,82 @@ def plot_comparisons(intervals: dict[str, dict], path: Path) -> Path:
 
 def _measure(entry: dict, value: float) -> str:
     """A comparison's value in its unit: lift lost in percent, AUC differences in AUC."""
-    return f"{value * 100:+.2f}%" if entry["measure"] == "lift_lost" else f"{value:+.4f}"
+    return f"{value * 100:+.2f}%" if entry["measure"] != "auc_diff" else f"{value:+.4f}"
 
 
 def _interval(entry: dict) -> str:
     return f"{_measure(entry, entry['low'])} to {_measure(entry, entry['high'])}"
 
 
-def _sureness(key: str, intervals: dict) -> str:
-    """``95% interval over the test rows a to b; `V` ahead of `R` on p% of resamples``,
-    or "" when the comparison has no interval."""
-    entry = intervals.get(key)
+def _seed_gaps(entry: dict, variants: dict) -> list[float]:
+    """Per seed i, AUC of the comparison's variant minus its reference's (seed i of each),
+    on its rows; [] with one seed."""
+    key = "auc_cold_seeds" if entry["rows"] == "cold" else "auc_seeds"
+    v, r = variants[entry["variant"]].get(key, []), variants[entry["reference"]].get(key, [])
+    return [a - b for a, b in zip(v, r)] if len(v) > 1 and len(v) == len(r) else []
+
+
+def _seeds_agree(gaps: list[float]) -> bool:
+    return all(g > 0 for g in gaps) or all(g < 0 for g in gaps)
+
+
+def _resolved(entry: dict, variants: dict) -> bool:
+    """A gap is clear when its interval (test rows and seeds) leaves out zero and every
+    seed puts the two variants in the same order."""
+    return not entry["low"] <= 0 <= entry["high"] and _seeds_agree(_seed_gaps(entry, variants))
+
+
+def _interval_scope(metrics: dict) -> str:
+    seeds = len(metrics.get("ranker_seeds") or [])
+    return f"the test rows and {seeds} seeds" if seeds > 1 else "the test rows (one seed)"
+
+
+def _sureness(key: str, metrics: dict) -> str:
+    """``95% interval over ... a to b; `V` ahead of `R` on p% of resamples; clear`` (or
+    why not), or "" when the comparison has no interval."""
+    entry = (metrics.get("intervals") or {}).get(key)
     if entry is None:
         return ""
-    return (f"95% interval over the test rows {_interval(entry)}; `{entry['variant']}` ahead "
-            f"of `{entry['reference']}` on {entry['p_favourable']:.0%} of resamples")
+    variants = metrics["variants"]
+    verdict = "clear" if _resolved(entry, variants) else "not resolved"
+    gaps = _seed_gaps(entry, variants)
+    if not _seeds_agree(gaps):
+        verdict += f": the seeds disagree ({', '.join(f'{g:+.4f}' for g in gaps)} AUC)"
+    return (f"95% interval over {_interval_scope(metrics)} {_interval(entry)}; "
+            f"`{entry['variant']}` ahead of `{entry['reference']}` on "
+            f"{entry['p_favourable']:.0%} of resamples; **{verdict}**")
 
 
 def _in_brackets(text: str) -> str:
     return f" ({text})" if text else ""
+
+
+def _content_measurable(metrics: dict) -> bool:
+    """Whether ``dense`` clearly beats ``no_content``: only then is a share of content's
+    lift (``content_lift_lost``) a number rather than a ratio over noise."""
+    gap = (metrics.get("intervals") or {}).get("dense_vs_no_content")
+    return gap is not None and _resolved(gap, metrics["variants"])
+
+
+def _content_lift(metrics: dict) -> list[str]:
+    """The summary's first line: whether content's lift over ``no_content`` is there to
+    measure, and if so, what share of it each variant loses."""
+    intervals, loss = metrics.get("intervals") or {}, metrics.get("quantization_loss") or {}
+    gap = intervals.get("dense_vs_no_content")
+    if gap is None:
+        return []
+    if not _content_measurable(metrics):
+        return [f"- **Content's lift cannot be measured on this data**: `dense` − `no_content` is "
+                f"{gap['value']:+.4f} AUC ({_sureness('dense_vs_no_content', metrics)}), so a "
+                "share of it (`content_lift_lost`) would be a ratio over noise and is not given."]
+    shares = [f"`{variant}` {loss[key] * 100:+.1f}%" for key, variant in
+              (("content_lift_lost", "ids"), ("content_lift_lost_recon", "recon"),
+               ("content_lift_lost_cold", "ids, cold rows")) if key in loss]
+    line = (f"- Content adds {gap['value']:+.4f} AUC over `no_content` (`dense`; "
+            f"{_sureness('dense_vs_no_content', metrics)}).")
+    if shares:
+        line += f" Share of it lost (`content_lift_lost`): {', '.join(shares)}."
+    return [line]
 
 
 def _summary(metrics: dict) -> list[str]:
@@ -147,7 +207,7 @@ def _summary(metrics: dict) -> list[str]:
     v, loss = metrics["variants"], metrics.get("quantization_loss") or {}
     intervals = metrics.get("intervals") or {}
     noise = max((m.get("auc_std", 0.0) for m in v.values()), default=0.0)
-    out = []
+    out = _content_lift(metrics)
     if "lift_lost_recon" in loss:
         lost = loss["lift_lost_recon"]
         ok = "under" if lost < LIFT_LOST_BAR else "over"
@@ -156,23 +216,23 @@ def _summary(metrics: dict) -> list[str]:
                 f"{LIFT_LOST_BAR:.0%} bar for the loss.")
         entry = intervals.get("lift_lost_recon")
         if entry:
-            line += (f" The test set leaves it anywhere from {_interval(entry)} "
-                     f"(95%, paired bootstrap over test rows); it is under the bar on "
+            line += (f" {_interval_scope(metrics).capitalize()} leave it anywhere from "
+                     f"{_interval(entry)} (95%, bootstrap); it is under the bar on "
                      f"{entry['p_under_bar']:.0%} of resamples.")
         out.append(line)
     if "lift_lost" in loss:
         verb = "lose" if loss["lift_lost"] > 0 else "gain"
         out.append(f"- The IDs alone (`ids`) {verb} **{abs(loss['lift_lost']) * 100:.2f}%** of "
                    f"the dense lift (AUC {v['ids']['auc']:.4f} vs {v['dense']['auc']:.4f}"
-                   f"{'; ' + sure if (sure := _sureness('lift_lost', intervals)) else ''}).")
+                   f"{'; ' + sure if (sure := _sureness('lift_lost', metrics)) else ''}).")
     if "ids_dense" in v and "dense" in v:
         diff = v["ids_dense"]["auc"] - v["dense"]["auc"]
         out.append(f"- IDs beside the dense vector (`ids_dense`): {diff:+.4f} AUC over `dense`"
-                   f"{_in_brackets(_sureness('ids_dense_vs_dense', intervals))}.")
+                   f"{_in_brackets(_sureness('ids_dense_vs_dense', metrics))}.")
     if "ids" in v and "no_content" in v and v["ids"].get("auc_cold") is not None:
         out.append(f"- Cold items: `ids` {v['ids']['auc_cold']:.4f} vs `no_content` "
                    f"{v['no_content']['auc_cold']:.4f} AUC"
-                   f"{_in_brackets(_sureness('ids_vs_no_content_cold', intervals))}.")
+                   f"{_in_brackets(_sureness('ids_vs_no_content_cold', metrics))}.")
     if "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
         ratio = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
         out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s in this run "
@@ -265,14 +325,16 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         "`ids_dense` (both).",
         "",
         *([f"Means over ranker seeds {metrics['ranker_seeds']} (AUC ± standard deviation "
-           "across seeds).", ""] if len(metrics.get("ranker_seeds", [])) > 1 else []),
-        "| variant | AUC | AUC warm | AUC cold | log loss | NE | train ex/s | best epoch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+           "across seeds, and each seed's AUC).", ""] if len(seeds) > 1 else []),
+        "| variant | AUC | AUC per seed | AUC warm | AUC cold | log loss | NE | train ex/s "
+        "| best epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in variants.items():
         spread = f" ± {m['auc_std']:.4f}" if "auc_std" in m else ""
+        per_seed = " / ".join(f"{a:.4f}" for a in m.get("auc_seeds", [m["auc"]]))
         lines.append(
-            f"| {name} | {_fmt(m['auc'])}{spread} "
+            f"| {name} | {_fmt(m['auc'])}{spread} | {per_seed} "
             f"| {_fmt(m.get('auc_warm'))} | {_fmt(m.get('auc_cold'))} "
             f"| {_fmt(m['logloss'])} | {_fmt(m['ne'])} | {m.get('train_examples_per_s', 0):,.0f} "
             f"| {_fmt(m.get('best_epoch', '-'), 2)} |"
@@ -282,26 +344,46 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         lines += _table_section(
             "Quantization loss",
             "`lift lost = (AUC_dense - AUC_V) / (AUC_dense - 0.5)`: the share of the dense model's "
-            "lift over chance that variant V loses; negative means V beats dense.",
+            "lift over chance that variant V loses; negative means V beats dense. "
+            "`content_lift_lost` divides by `AUC_dense - AUC_no_content` instead: the share "
+            "of what content adds that V loses (meaningful only where `dense` clearly beats "
+            "`no_content`, see the summary).",
             ["measure", "compares", "value"], numeric=1)
         labels = {"lift_lost": "ids vs dense", "lift_lost_cold": "ids vs dense, cold items",
-                  "lift_lost_recon": "recon vs dense (MmDict's \"< 1% on the task\")"}
+                  "lift_lost_recon": "recon vs dense (MmDict's \"< 1% on the task\")",
+                  "content_lift_lost": "ids vs dense, over no_content",
+                  "content_lift_lost_cold": "ids vs dense, over no_content, cold items",
+                  "content_lift_lost_recon": "recon vs dense, over no_content"}
+        measurable = _content_measurable(metrics)
         for key, value in loss.items():
+            if key.startswith("content_") and not measurable:
+                continue  # a ratio over noise (the summary says so)
             lines.append(f"| `{key}` | {labels.get(key, key)} | {value * 100:+.2f}% |")
-    intervals = metrics.get("intervals") or {}
+    intervals = {k: e for k, e in (metrics.get("intervals") or {}).items()
+                 if _content_measurable(metrics) or e["measure"] != "content_lift_lost"}
     if intervals:
         lines += _table_section(
-            "How sure the test set makes these",
+            "How sure the test set and the seeds make these",
             f"Every variant scored on the same {BOOTSTRAP_RESAMPLES:,} resamples of the test "
-            "rows (drawn with replacement): a paired bootstrap, so each comparison keeps its pairing. The "
-            "interval is what the test set's size alone leaves open; training-seed variation "
-            "comes on top (`--seeds` averages it down). \"Ahead\" is the share of resamples "
-            "on which the first variant beats the second.",
+            "rows (drawn with replacement): a paired bootstrap, so each comparison keeps its "
+            "pairing. Each resample also draws every variant's training seeds with "
+            "replacement and averages the drawn seeds' AUCs, so the interval covers both "
+            "what the test set's size and what the training seed leave open (with one seed, "
+            "the test rows only). \"Ahead\" is the share of resamples on which the first "
+            "variant beats the second; a gap is called clear only when its interval leaves "
+            "out zero and every seed orders the two variants the same way.",
             ["comparison", "rows", "value", "95% interval", "ahead on"], numeric=3)
         for key, e in intervals.items():
             lines.append(f"| `{key}`: {e['variant']} vs {e['reference']} | {e['rows']} | "
                          f"{_measure(e, e['value'])} | {_interval(e)} | "
                          f"{e['p_favourable']:.0%} |")
+        lines += ["", "Every seed's gap (AUC of the variant minus the reference's, seed by "
+                  "seed): " + "; ".join(
+                      f"`{key}` {', '.join(f'{g:+.4f}' for g in gaps)}"
+                      for key, e in intervals.items()
+                      if e["measure"] == "auc_diff" and (gaps := _seed_gaps(e, variants)))]
+        if len(seeds) < 2:
+            lines.pop()
         figure = plot_comparisons(intervals, out_dir / "comparisons.png")
         lines += ["", f"![Comparisons with their intervals]({figure.name})"]
     lines += ["", f"![AUC by variant]({plot.name})", ""]

@@ -239,7 +239,7 @@ def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
               "ids_dense": y + rng.normal(size=n),  # as good as dense: a tie
               "no_content": rng.normal(size=n)}
     out = comparison_intervals(y, cold, scores | {"lsh_ids": scores["no_content"]}, n_boot=300)
-    assert set(out) == set(COMPARISONS) | {"ids_vs_lsh_ids"}  # and each baseline's IDs
+    assert set(out) == set(COMPARISONS) | {"ids_vs_lsh_ids", "content_lift_lost_lsh_ids"}
     assert out["ids_vs_lsh_ids"]["reference"] == "lsh_ids" and out["ids_vs_lsh_ids"]["low"] > 0
     recon = out["lift_lost_recon"]
     assert recon["value"] == recon["low"] == recon["high"] == 0 and recon["p_under_bar"] == 1
@@ -251,7 +251,13 @@ def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
     assert out["ids_vs_no_content_cold"]["low"] > 0  # the cold rows alone resolve this
     # No cold test rows: the cold comparisons are left out, not NaN.
     assert set(comparison_intervals(y, np.zeros(n, bool), scores, n_boot=10)) == \
-        {"lift_lost", "lift_lost_recon", "ids_dense_vs_dense"}
+        {"lift_lost", "lift_lost_recon", "ids_dense_vs_dense", "content_lift_lost",
+         "content_lift_lost_recon", "dense_vs_no_content"}
+    # content_lift_lost: the share of what content adds over no_content that ids loses.
+    entry = out["content_lift_lost"]
+    assert entry["value"] == pytest.approx(
+        (auc(y, dense) - auc(y, scores["ids"])) / (auc(y, dense) - auc(y, scores["no_content"])))
+    assert entry["low"] < entry["value"] < entry["high"]
     # Only the comparisons whose variants ran.
     assert set(comparison_intervals(y, cold, {"dense": dense, "recon": dense}, n_boot=10)) == \
         {"lift_lost_recon"}

@@ -364,12 +364,17 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     loss = metrics["quantization_loss"]
     dense = metrics["variants"]["dense"]["auc"]
     assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
-    assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon"}
+    assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon", "content_lift_lost",
+                         "content_lift_lost_cold", "content_lift_lost_recon",
+                         "content_lift_lost_faiss_rq_ids"}
     # Paired intervals from the seeds' test predictions, each around its own point value.
     intervals = metrics["intervals"]
     assert set(intervals) == {"lift_lost", "lift_lost_cold", "lift_lost_recon",
+                              "content_lift_lost", "content_lift_lost_cold",
+                              "content_lift_lost_recon", "dense_vs_no_content",
                               "ids_vs_no_content_cold",  # ids_dense did not run
-                              "ids_vs_faiss_rq_ids"}  # mmtok's IDs against the baseline's
+                              "ids_vs_faiss_rq_ids",  # mmtok's IDs against the baseline's
+                              "content_lift_lost_faiss_rq_ids"}
     assert intervals["lift_lost"]["value"] == pytest.approx(loss["lift_lost"])
     for entry in intervals.values():
         assert entry["low"] < entry["value"] < entry["high"] and 0 <= entry["p_favourable"] <= 1
@@ -383,7 +388,12 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert len(list(out.glob("variants/*/seed-*/model/bundle.json"))) == 10
     report = (out / "report.md").read_text()
     assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
-    assert "## How sure the test set makes these" in report and "95% interval" in report
+    assert "## How sure the test set and the seeds make these" in report
+    assert "95% interval over the test rows and 2 seeds" in report
+    assert "Every seed's gap" in report and " / " in report  # per-seed AUCs
+    # The summary's first line says whether content's lift can be measured here.
+    summary = report.split("## Summary")[1].split("\n- ")[1]
+    assert summary.startswith(("**Content's lift cannot be measured", "Content adds"))
     assert "comparisons.png" in report and (out / "comparisons.png").stat().st_size > 10_000
     assert "tables updated by row-wise Adagrad" in report  # the ranker config is named
     assert (out / "variant_auc.png").stat().st_size > 10_000
