@@ -19,7 +19,7 @@ from mmdata.contracts import (
 )
 from mmdata.movielens import load_movielens_100k, write_movielens_100k
 from mmdata.split import EventSplit, SplitFiles, split_events, write_split
-from mmdata.synthetic import SyntheticWorld, SyntheticWorldConfig, generate_world
+from mmdata.synthetic import ORACLE_COLUMN, SyntheticWorld, SyntheticWorldConfig, generate_world
 
 __all__ = [
     "DataContractError", "ItemEmbeddings", "code_columns", "context_columns", "read_codes",
@@ -27,5 +27,5 @@ __all__ = [
     "read_embeddings", "read_events", "read_items", "validate_codes",
     "validate_embedding_matrix", "validate_events", "validate_items", "write_embeddings",
     "load_movielens_100k", "write_movielens_100k", "EventSplit", "SplitFiles", "split_events", "write_split",
-    "SyntheticWorld", "SyntheticWorldConfig", "generate_world",
+    "ORACLE_COLUMN", "SyntheticWorld", "SyntheticWorldConfig", "generate_world",
 ]

@@ -26,6 +26,10 @@ What the generator puts in, so that each part of mmtok has something to find:
   ``position_bias * log1p(position)``.
 * **Items launching over time**: launch times spread over the time line, so later
   items have short histories and some arrive only in the test period.
+* **The answer**: every event carries ``oracle_logit``, its true click logit, so a report
+  can give the oracle AUC (the best any model can do on these events) and the share of
+  the gap from a baseline to it that each model closes. A large ``taste_scale`` with
+  small item effects makes a world whose clicks depend mostly on user taste x content.
 
 Generation is chunked over events with numpy, so 10M events over 1M items fit well
 inside 24 GB (about 0.5 GB for the events frame).
@@ -41,6 +45,9 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from mmdata.contracts import ItemEmbeddings, write_embeddings
+
+# The events column holding each event's true click logit (a synthetic world knows it).
+ORACLE_COLUMN = "oracle_logit"
 
 
 @dataclass
@@ -175,6 +182,7 @@ def generate_world(
     columns = {k: np.empty(cfg.n_events, dtype=np.int64)
                for k in ("user_id", "item_id", "cat_position", "cat_device")}
     labels = np.empty(cfg.n_events, dtype=np.int8)
+    oracle = np.empty(cfg.n_events, dtype=f32)
     chunk = 1_000_000
     bar = tqdm(total=cfg.n_events, desc="synthetic events", unit="ev", disable=not progress)
     for start in range(0, cfg.n_events, chunk):
@@ -199,6 +207,7 @@ def generate_world(
                  - cfg.position_bias * np.log1p(position)
                  + 0.1 * (device == 2))
         labels[start:stop] = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
+        oracle[start:stop] = logit
         columns["user_id"][start:stop] = user
         columns["item_id"][start:stop] = item
         columns["cat_position"][start:stop] = position
@@ -213,6 +222,7 @@ def generate_world(
         "label": labels,
         "cat_position": columns["cat_position"],
         "cat_device": columns["cat_device"],
+        ORACLE_COLUMN: oracle,
     })
     item_ids = np.arange(cfg.n_items, dtype=np.int64)
     items = pl.DataFrame({

@@ -19,12 +19,12 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from mmdata import read_embeddings, write_split
+from mmdata import ORACLE_COLUMN, read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from mmtok.train_cmd import launch_train_job, log_train_run
 from quantizer import build_quantizers, encode_items, quantizer_metrics, save_quantizer
-from ranker import RankerConfig, comparison_intervals, quantization_loss
+from ranker import RankerConfig, comparison_intervals, quantization_loss, ranking_metrics
 from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob
 
 # variant name -> (TrainJob variant, codes of which quantizer)
@@ -184,6 +184,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                                          test_rows["is_cold"].to_numpy(), scores, seed=seed) \
             if test_rows is not None else {}
         timings["intervals_s"] = time.perf_counter() - t
+        oracle = _oracle(out / "split" / "test.parquet", results)
         timings["total_s"] = earlier_s + time.perf_counter() - started
         dataset = labels.dataset or Path(events_path).parent.name or str(events_path)
         report = {
@@ -197,6 +198,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             "variants": results,
             "quantization_loss": loss,
             "intervals": intervals,
+            "oracle": oracle,
             "nproc": nproc,
             "ranker": asdict(config),
             "ranker_seeds": list(ranker_seeds),
@@ -214,6 +216,24 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             mlflow.log_artifact(str(path))
     log(f"done in {timings['total_s']:.0f}s: {md}")
     return report
+
+
+def _oracle(test_path: Path, results: dict[str, dict]) -> dict | None:
+    """When the events carry their true click logit (``mmdata.ORACLE_COLUMN``, as the
+    synthetic world's do): the oracle's AUC on the test rows (overall, warm, cold) and
+    the share of the gap from ``no_content`` to it that each variant closes."""
+    test = pl.read_parquet(test_path)
+    if ORACLE_COLUMN not in test.columns:
+        return None
+    oracle = ranking_metrics(test["label"].to_numpy(),
+                             1 / (1 + np.exp(-test[ORACLE_COLUMN].to_numpy().astype(np.float64))),
+                             test["is_cold"].to_numpy())
+    out = {k: oracle[k] for k in ("auc", "auc_warm", "auc_cold")}
+    if "no_content" in results:
+        base = results["no_content"]["auc"]
+        out["gap_closed"] = {name: (m["auc"] - base) / (oracle["auc"] - base)
+                             for name, m in results.items()}
+    return out
 
 
 def _mean_over_seeds(runs: list[dict]) -> dict:

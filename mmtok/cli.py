@@ -51,7 +51,9 @@ def cmd_data_synthetic(args: argparse.Namespace) -> None:
     from mmdata import SyntheticWorldConfig, generate_world
 
     appeal = {name: value for name, value in (("content_appeal_std", args.content_appeal),
-                                              ("topic_appeal_std", args.topic_appeal))
+                                              ("topic_appeal_std", args.topic_appeal),
+                                              ("taste_scale", args.taste_scale),
+                                              ("item_effect_std", args.item_effect))
               if value is not None}
     config = SyntheticWorldConfig(n_items=args.items, n_users=args.users, n_events=args.events,
                                   dim=args.dim, seed=args.seed, **appeal)
@@ -230,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-appeal", type=float,
                    help="std of the appeal that is a linear read of an item's content "
                         "(default: SyntheticWorldConfig's)")
+    p.add_argument("--taste-scale", type=float,
+                   help="strength of user taste x content in the click logit (default: "
+                        "SyntheticWorldConfig's; raise it, with a small --item-effect, for a "
+                        "world whose clicks depend mostly on taste x content)")
+    p.add_argument("--item-effect", type=float,
+                   help="std of the per-item effect only an item id can learn")
     p.add_argument("--topic-appeal", type=float,
                    help="std of the appeal each sub-topic has, a category's click rate "
                         "(default: SyntheticWorldConfig's)")

@@ -49,6 +49,30 @@ def test_synthetic_clicks_depend_on_taste_item_effect_and_position(small_world):
     assert by_pos["label"][0] > by_pos["label"][-1]
 
 
+def test_synthetic_events_carry_their_true_click_logit():
+    """The oracle: its AUC bounds what a model can reach, and a world of strong taste x
+    content with weak item effects puts most of the clicks' signal in taste x content."""
+    from mmdata import ORACLE_COLUMN, SyntheticWorldConfig, generate_world
+    from ranker import auc
+
+    def world(**kw):
+        return generate_world(SyntheticWorldConfig(n_items=500, n_users=200, n_events=20_000,
+                                                   dim=16, n_clusters=4, seed=3, **kw),
+                              progress=False)
+    base = world()
+    logit = base.events[ORACLE_COLUMN].to_numpy()
+    assert 0.6 < auc(base.events["label"].to_numpy(), logit) < 0.95
+    # The same world bit for bit as before the column (the draws are unchanged).
+    assert base.events.drop(ORACLE_COLUMN).equals(world().events.drop(ORACLE_COLUMN))
+    taste = world(taste_scale=4.0, item_effect_std=0.1)
+    share = {}
+    for name, w in (("base", base), ("taste", taste)):
+        e = w.events
+        effect = w.item_effect[e["item_id"].to_numpy()]
+        share[name] = np.var(effect) / np.var(e[ORACLE_COLUMN].to_numpy())
+    assert share["taste"] < share["base"] / 5  # item effects explain far less of the logit
+
+
 def test_synthetic_content_shows_part_of_an_items_appeal(small_world):
     """The appeal is a linear read of the latent content (so an embedding can reveal it),
     it moves clicks, and setting it to 0 leaves the rest of the world unchanged."""

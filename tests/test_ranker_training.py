@@ -383,6 +383,10 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert predicted.columns == ["user_id", "item_id", "label", "is_cold", "prob"]
     assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
     assert metrics["quantizer"]["codebook_sizes"] == [16, 16, 16, 64, 64, 64]
+    # The synthetic world knows its clicks' true logit: the oracle bounds every variant.
+    oracle = metrics["oracle"]
+    assert all(m["auc"] < oracle["auc"] for m in metrics["variants"].values())
+    assert oracle["gap_closed"]["no_content"] == 0 and "The oracle" in (out / "report.md").read_text()
     # A finished run's checkpoints (for --resume only) are gone; its model stays.
     assert not list(out.glob("variants/**/checkpoints"))
     assert len(list(out.glob("variants/*/seed-*/model/bundle.json"))) == 10
