@@ -11,6 +11,9 @@ from ranker.model import RankerConfig
 # How a report names RankerConfig.table_optimizer.
 TABLE_OPTIMIZER_NAMES = {"adagrad": "exact Adagrad (a sum per element)",
                     "rowwise_adagrad": "row-wise Adagrad (a sum per row)"}
+# How a report names RankerConfig.prefix_ngrams.
+NGRAM_WORDS = {"none": "", "per_scale": " plus each scale's prefix n-grams",
+               "chain": " plus the prefix n-grams of the whole residual chain"}
 # How a report names RankerConfig.code_pooling.
 CONTENT_FEATURES = {
     "summed": "as one multi-hot feature (their embeddings summed into one interaction slot)",
@@ -296,7 +299,7 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         lines += [
             f"Ranker: {ranker.interaction.upper()} over TorchRec tables of width "
             f"{ranker.embedding_dim}; content IDs"
-            f"{' plus prefix n-grams' if ranker.prefix_ngrams else ''} "
+            f"{NGRAM_WORDS[ranker.prefix_ngrams]} "
             f"{CONTENT_FEATURES[ranker.code_pooling]}"
             f"{_user_cross(ranker.user_code_cross)}, ID rows initialised "
             f"`{ranker.code_init}`, tables updated by "

@@ -144,33 +144,61 @@ class ContentColumns:
 NGRAM_BUCKETS = 1 << 20
 
 
-def prefix_ngram_codes(codes: np.ndarray, code_names: list[str], sizes: list[int]
-                       ) -> tuple[list[str], list[int], np.ndarray]:
-    """Prefix n-grams of each scale's codes: for ``code_<scale>_<l>`` with l >= 1, the
-    tuple (code_<scale>_0, ..., code_<scale>_l) as one id (mixed radix; hashed into
-    ``NGRAM_BUCKETS`` rows when the product of the sizes is larger).
+# How the content IDs' prefixes become features of their own (RankerConfig.prefix_ngrams).
+PREFIX_NGRAMS = ("none", "per_scale", "chain")
+
+
+def _bucket(keys: np.ndarray) -> np.ndarray:
+    """Exact prefix keys -> rows of an ``NGRAM_BUCKETS`` table (Fibonacci hashing: the
+    top bits of key x 2^64/phi, so every code of the prefix moves the row)."""
+    mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps mod 2^64
+    return (mixed >> np.uint64(64 - NGRAM_BUCKETS.bit_length() + 1)).astype(np.int64)
+
+
+def prefix_ngram_codes(codes: np.ndarray, code_names: list[str], sizes: list[int],
+                       mode: str = "per_scale") -> tuple[list[str], list[int], np.ndarray]:
+    """Prefix n-grams of the codes, each as one id (mixed radix; hashed into
+    ``NGRAM_BUCKETS`` rows when the product of the sizes is larger):
+
+    * ``per_scale``: for ``code_<scale>_<l>`` with l >= 1, the tuple (code_<scale>_0, ...,
+      code_<scale>_l), named ``ngram_<scale>_<l>``;
+    * ``chain``: along the whole residual chain, every prefix (c_0, ..., c_j) for j >= 1 of
+      the codes in column order (s0, s0·s1, s0·s1·m0, ...: a fine code means something
+      only under all that came before it, as Meta's prefix-ngram semantic IDs are read),
+      named ``ngram_<scale>_<l>`` after its last code.
 
     Returns ``(names, sizes, ngrams (n, g) int64)``.
     """
+    if mode not in PREFIX_NGRAMS:
+        raise ValueError(f"prefix n-grams {mode!r}: choose from {PREFIX_NGRAMS}")
     names, out_sizes, columns = [], [], []
-    scales: dict[str, list[int]] = {}
+    chains: dict[str, list[int]] = {}
     for j, name in enumerate(code_names):
         scale = name.rsplit("_", 1)[0].removeprefix("code_")
-        scales.setdefault(scale, []).append(j)
-    for scale, cols in scales.items():
-        prefix = codes[:, cols[0]].astype(np.int64)
+        chains.setdefault("chain" if mode == "chain" else scale, []).append(j)
+    if mode == "none":
+        chains = {}
+    for cols in chains.values():
+        key = codes[:, cols[0]].astype(np.int64)
         size = sizes[cols[0]]
-        for level, j in enumerate(cols[1:], start=1):
-            prefix = prefix * sizes[j] + codes[:, j]
+        for j in cols[1:]:
+            if size * sizes[j] >= 1 << 62:  # keep the key in int64: its bucket stands for it
+                key, size = _bucket(key), NGRAM_BUCKETS
+            key = key * sizes[j] + codes[:, j]  # exact
             size *= sizes[j]
-            if size > NGRAM_BUCKETS:
-                prefix = prefix % NGRAM_BUCKETS
-                size = NGRAM_BUCKETS
-            names.append(f"ngram_{scale}_{level}")
-            out_sizes.append(size)
-            columns.append(prefix.copy())
+            names.append(f"ngram_{code_names[j].removeprefix('code_')}")
+            out_sizes.append(min(size, NGRAM_BUCKETS))
+            columns.append(key.copy() if size <= NGRAM_BUCKETS else _bucket(key))
     ngrams = np.stack(columns, axis=1) if columns else np.zeros((len(codes), 0), np.int64)
     return names, out_sizes, ngrams
+
+
+def _prefix_mode(value: str | bool) -> str:
+    """A ``PREFIX_NGRAMS`` mode; True / False (the flag of before) read as per_scale / none."""
+    mode = {True: "per_scale", False: "none"}.get(value, value) if isinstance(value, bool) else value
+    if mode not in PREFIX_NGRAMS:
+        raise ValueError(f"prefix_ngrams must be one of {PREFIX_NGRAMS}, got {value!r}")
+    return mode
 
 
 CODE_POOLINGS = ("per_feature", "per_scale", "summed")
@@ -259,12 +287,13 @@ class FeatureEncoder:
         return cls(train, content, use_codes=use_codes, use_dense_content=use_dense_content,
                    min_count=config.min_id_count, prefix_ngrams=config.prefix_ngrams,
                    min_code_items=config.min_code_items, code_pooling=config.code_pooling,
-                   user_cross=config.user_code_cross if use_codes else "none")
+                   user_cross=config.user_code_cross if use_codes else "none",
+                   standardize_content=config.standardize_content)
 
     def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,
-                 use_dense_content: bool, min_count: int = 1, prefix_ngrams: bool = False,
+                 use_dense_content: bool, min_count: int = 1, prefix_ngrams: str | bool = "none",
                  min_code_items: int = 1, code_pooling: str = "summed",
-                 user_cross: str = "none") -> None:
+                 user_cross: str = "none", standardize_content: bool = False) -> None:
         content_bags([], code_pooling)  # a bad name fails here, before any work
         if use_codes and content.codes is None:
             raise ValueError("use_codes=True needs ItemContent.codes")
@@ -272,7 +301,7 @@ class FeatureEncoder:
             raise ValueError("use_dense_content=True needs ItemContent.vectors")
         self.use_codes = use_codes
         self.use_dense_content = use_dense_content
-        self.prefix_ngrams = prefix_ngrams
+        self.prefix_ngrams = _prefix_mode(prefix_ngrams)
         self.code_pooling = code_pooling
         self.user_cross = resolve_user_cross(user_cross, content if use_codes else None)
         # A LazyFrame (e.g. a parquet scan too big for memory) is read one column at a time.
@@ -294,6 +323,12 @@ class FeatureEncoder:
             self.dense_mean = np.array([stats[f"m_{c}"][0] for c in self.dense_names], np.float32)
             self.dense_std = np.maximum(
                 np.array([stats[f"s_{c}"][0] for c in self.dense_names]), 1e-6).astype(np.float32)
+        # Per-dimension mean and std of the items' content vectors: a unit-norm d-wide
+        # vector has entries of about 1/sqrt(d), next to standardized dense context.
+        self.content_mean = self.content_std = None
+        if use_dense_content and standardize_content:
+            self.content_mean = content.vectors.mean(axis=0).astype(np.float32)
+            self.content_std = np.maximum(content.vectors.std(axis=0), 1e-6).astype(np.float32)
         self.code_vocabs: dict[str, IdVocab] = {}
         if use_codes and min_code_items > 1:
             names, _, ids = self._content_ids(content.codes, content.code_names,
@@ -309,8 +344,9 @@ class FeatureEncoder:
         """Content-ID column names, their value counts and raw values (n, C): the codes
         (n, c), then each scale's prefix n-grams when the encoder reads them."""
         names, sizes = list(code_names), list(codebook_sizes)
-        if self.prefix_ngrams:
-            ngram_names, ngram_sizes, ngrams = prefix_ngram_codes(codes, names, sizes)
+        if self.prefix_ngrams != "none":
+            ngram_names, ngram_sizes, ngrams = prefix_ngram_codes(codes, names, sizes,
+                                                                  self.prefix_ngrams)
             names, sizes = names + ngram_names, sizes + ngram_sizes
             codes = np.concatenate([codes, ngrams], axis=1)
         return names, sizes, codes
@@ -418,6 +454,8 @@ class FeatureEncoder:
         arrays |= {f"code_vocab.{name}": vocab.ids for name, vocab in self.code_vocabs.items()}
         if self.dense_names:
             arrays["dense_mean"], arrays["dense_std"] = self.dense_mean, self.dense_std
+        if self.content_mean is not None:
+            arrays["content_mean"], arrays["content_std"] = self.content_mean, self.content_std
         return meta, arrays
 
     @classmethod
@@ -426,7 +464,7 @@ class FeatureEncoder:
         """The encoder that ``state()`` describes, over ``content``."""
         encoder = cls.__new__(cls)
         encoder.use_codes, encoder.use_dense_content = meta["use_codes"], meta["use_dense_content"]
-        encoder.prefix_ngrams = bool(meta.get("prefix_ngrams", False))
+        encoder.prefix_ngrams = _prefix_mode(meta.get("prefix_ngrams", "none"))
         encoder.code_pooling = meta["code_pooling"]
         encoder.user_cross = meta["user_cross"]
         encoder.cat_names, encoder.dense_names = list(meta["cat_names"]), list(meta["dense_names"])
@@ -437,6 +475,10 @@ class FeatureEncoder:
         if encoder.dense_names:
             encoder.dense_mean = np.asarray(arrays["dense_mean"], dtype=np.float32)
             encoder.dense_std = np.asarray(arrays["dense_std"], dtype=np.float32)
+        encoder.content_mean = encoder.content_std = None
+        if "content_mean" in arrays:
+            encoder.content_mean = np.asarray(arrays["content_mean"], dtype=np.float32)
+            encoder.content_std = np.asarray(arrays["content_std"], dtype=np.float32)
         encoder._set_content(content)
         return encoder
 
@@ -519,6 +561,8 @@ class FeatureEncoder:
                 start += k
             if content.cross is not None:  # column 0 is user_id
                 columns.append((ids[:, 0] * self._cross_values + content.cross) % NGRAM_BUCKETS)
+        if vectors is not None and self.content_mean is not None:
+            vectors = (vectors - torch.from_numpy(self.content_mean)) / torch.from_numpy(self.content_std)
         dense = torch.cat([dense_ctx] if vectors is None else [dense_ctx, vectors], dim=1)
         if dense.shape[1] == 0:
             dense = torch.zeros(len(ids), 1)

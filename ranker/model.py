@@ -12,7 +12,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ranker.features import CODE_POOLINGS
+from ranker.features import CODE_POOLINGS, PREFIX_NGRAMS
 
 # The fused table optimizers a RankerConfig can name; TorchRec maps each class to an fbgemm
 # kernel (EXACT_ADAGRAD, EXACT_ROWWISE_ADAGRAD).
@@ -58,9 +58,10 @@ class RankerConfig:
     # Share of training examples whose item id is replaced by the out-of-vocabulary
     # row, so that row is trained to stand for "an item the model has not seen".
     item_id_dropout: float = 0.1
-    # Also feed each scale's code prefixes (center, center+residual) as features: a
-    # residual code means something only under its center.
-    prefix_ngrams: bool = True
+    # Code prefixes as features of their own, since a residual code means something only
+    # under its prefix: "per_scale" (each scale's center, center+residual, ...), "chain"
+    # (every prefix of the whole residual chain: s0, s0.s1, s0.s1.m0, ...) or "none".
+    prefix_ngrams: str = "per_scale"
     # How the content IDs (codes and n-grams) meet the other features: "summed" (one
     # multi-hot feature, its embeddings summed into one interaction slot, as a residual
     # quantizer sums codewords), "per_scale" (one such feature per scale) or
@@ -77,6 +78,10 @@ class RankerConfig:
     # The tables' fused optimizer: "rowwise_adagrad" (one Adagrad sum per row, as
     # production DLRMs train their tables; cheaper per step) or "adagrad" (per element).
     table_optimizer: str = "rowwise_adagrad"
+    # Standardize the dense content vector per dimension (the items' mean and std), as
+    # the dense context is: a unit-norm vector's entries are about 1/sqrt(width), and
+    # the bottom MLP then barely reads them.
+    standardize_content: bool = True
     # Ids seen fewer times in training share the out-of-vocabulary row.
     min_id_count: int = 1
     # A content-ID value (code or n-gram) that fewer distinct training items share goes
@@ -107,6 +112,11 @@ class RankerConfig:
         if self.validations_per_epoch < 1 or self.patience < 1:
             raise ValueError(f"validations_per_epoch and patience must be >= 1, got "
                              f"{self.validations_per_epoch} and {self.patience}")
+        if isinstance(self.prefix_ngrams, bool):  # job files of before: true / false
+            self.prefix_ngrams = "per_scale" if self.prefix_ngrams else "none"
+        if self.prefix_ngrams not in PREFIX_NGRAMS:
+            raise ValueError(f"prefix_ngrams must be one of {PREFIX_NGRAMS}, "
+                             f"got {self.prefix_ngrams!r}")
         if self.code_pooling not in CODE_POOLINGS:
             raise ValueError(f"code_pooling must be one of {CODE_POOLINGS}, "
                              f"got {self.code_pooling!r}")

@@ -75,6 +75,21 @@ def test_feature_encoder_batches_ids_codes_and_dense(small_world, world_split, w
     assert torch.equal(items[~drop], train.sparse[:2000, 1][~drop])
 
 
+def test_dense_content_is_standardized_per_dimension(small_world, world_split):
+    """A unit-norm vector's entries are about 1/sqrt(width); standardized, the content
+    enters the bottom MLP on the dense context's scale, and a saved encoder keeps it."""
+    content = ItemContent(small_world.embeddings.item_ids, vectors=small_world.embeddings.vectors)
+    raw = FeatureEncoder(world_split.train, content, use_codes=False, use_dense_content=True)
+    std = FeatureEncoder(world_split.train, content, use_codes=False, use_dense_content=True,
+                         standardize_content=True)
+    events = std.encode(small_world.events.unique("item_id", keep="first").sort("item_id"))
+    dense = std.batch(events, slice(None))[0][:, len(std.dense_names):]  # (items with events, d)
+    assert dense.mean(0).abs().max() < 0.05 and (dense.std(0) - 1).abs().max() < 0.05
+    assert raw.batch(events, slice(None))[0].std(0).max() < 0.5
+    again = FeatureEncoder.from_state(*std.state(), content)
+    assert torch.equal(again.batch(events, slice(None))[0], std.batch(events, slice(None))[0])
+
+
 def test_events_with_unknown_items_are_an_error(small_world, world_split):
     content = ItemContent(np.arange(10), vectors=small_world.embeddings.vectors[:10])
     fe = FeatureEncoder(world_split.train, content, use_codes=False, use_dense_content=True)
@@ -305,6 +320,31 @@ def test_prefix_ngrams_read_a_residual_code_with_its_center():
     assert fe.sparse_names[-2:] == ["ngram_s_1", "ngram_m_1"] and fe.sparse_sizes[-2:] == [16, 80]
     _, kjt, _ = fe.batch(fe.encode(events), torch.tensor([2, 0]))
     assert kjt["ngram_s_1"].values().tolist() == [2, 6]
+
+
+def test_chain_ngrams_read_each_code_under_every_code_before_it():
+    from ranker.features import NGRAM_BUCKETS, prefix_ngram_codes
+
+    names4 = ["code_s_0", "code_s_1", "code_m_0", "code_m_1"]
+    codes = np.array([[1, 2, 5, 0],
+                      [1, 3, 5, 0],
+                      [0, 2, 7, 9]])
+    names, sizes, ngrams = prefix_ngram_codes(codes, names4, [4, 4, 8, 10], "chain")
+    assert names == ["ngram_s_1", "ngram_m_0", "ngram_m_1"] and sizes == [16, 128, 1280]
+    assert ngrams[:, 1].tolist() == [(1 * 4 + 2) * 8 + 5, (1 * 4 + 3) * 8 + 5, (0 * 4 + 2) * 8 + 7]
+    # Rows 0 and 1 share m_0 = 5 and m_1 = 0 but not the prefix: chain n-grams tell them apart.
+    assert ngrams[0, 2] != ngrams[1, 2]
+    # A chain longer than the table: hashed into NGRAM_BUCKETS rows, the whole prefix still
+    # counting (items that differ only in their first code land apart).
+    long = np.zeros((2, 6), np.int64)
+    long[1, 0] = 1
+    names, sizes, ngrams = prefix_ngram_codes(long, [f"code_{s}_{l}" for s in "sml" for l in (0, 1)],
+                                              [16, 16, 64, 64, 256, 256], "chain")
+    assert sizes[-1] == NGRAM_BUCKETS and 0 <= ngrams.min() and ngrams.max() < NGRAM_BUCKETS
+    assert ngrams[0, -1] != ngrams[1, -1]
+    with pytest.raises(ValueError, match="prefix_ngrams must be one of"):
+        RankerConfig(prefix_ngrams="chains")
+    assert RankerConfig(prefix_ngrams=True).prefix_ngrams == "per_scale"  # old job files
 
 
 def test_content_id_values_few_training_items_share_go_to_the_oov_row():

@@ -203,7 +203,7 @@ def test_ids_beat_no_content_on_cold_items(tmp_path, world_files):
     alone (no prefix n-grams, which trade some cold AUC for overall AUC)."""
     gaps = []
     for seed in (0, 1):
-        config = RankerConfig(epochs=3, patience=4, seed=seed, prefix_ngrams=False)
+        config = RankerConfig(epochs=3, patience=4, seed=seed, prefix_ngrams="none")
         results = {variant: run_train_job(_job(world_files, tmp_path / f"{variant}-{seed}",
                                                variant=variant, streaming=False, ranker=config),
                                           progress=False)
