@@ -50,7 +50,10 @@ def main() -> None:
             key = f"{variant}/{seed}"
             if key in runs:
                 continue
-            job = TrainJob.from_toml(args.bench / "variants" / variant / "job.toml")
+            # A bench writes variants/<name>/seed-<s>/job.toml (one job per seed): any
+            # seed's job is the variant's, its seed set below.
+            job = TrainJob.from_toml(sorted((args.bench / "variants" / variant).glob(
+                "**/job.toml"))[0])
             _, config = parse_arm(f"{variant}:{args.set}", job.ranker)
             scratch = args.out.with_suffix("") / f"{variant}-{seed}"
             shutil.rmtree(scratch, ignore_errors=True)
