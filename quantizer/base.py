@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
@@ -93,6 +95,41 @@ def read_quantizer_meta(directory: str | Path, kind: str | None = None) -> dict:
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{directory}: holds a {meta.get('kind')!r} quantizer, not {kind!r}")
     return meta
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """faiss' trainers and torch's reductions (a mean, an SVD) sum over threads, so what
+    they compute, and every code after it, would depend on the machine's thread count;
+    inside this block both run on one thread, so a fit gives the same codes anywhere."""
+    import faiss
+    import torch
+
+    faiss_threads, torch_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(faiss_threads)
+        torch.set_num_threads(torch_threads)
+
+
+def fit_record(x: np.ndarray) -> dict:
+    """What a fit saw, for ``quantizer.json``: the input's shape and SHA-256 and the
+    versions of the libraries that computed it (IDs are trained rows' keys downstream:
+    a refit on other data or libraries must be recognisable)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    versions = {}
+    for package in ("torch", "faiss-cpu", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return {"rows": int(x.shape[0]), "dim": int(x.shape[1]),
+            "input_sha256": hashlib.sha256(x.tobytes()).hexdigest(), "versions": versions}
 
 
 def total_bits(codebook_sizes: list[int]) -> float:

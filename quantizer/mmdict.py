@@ -44,7 +44,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kernels import build_encode_tables, multiscale_encode
-from quantizer.base import (as_rows, check_codes, check_input, read_quantizer_meta,
+from quantizer.base import (as_rows, check_codes, check_input, fit_record, single_threaded,
+                            read_quantizer_meta,
                             scale_code_layout, write_quantizer_meta)
 from quantizer.residual_kmeans import nearest_code
 
@@ -315,6 +316,8 @@ class MmDictQuantizer:
         self.code_names, self.codebook_sizes = scale_code_layout(cfg.scale_sizes, cfg.levels)
         self.net: MultiScaleResidualQuantizer | None = None
         self.history: list[dict] = []
+        # What the fit saw (quantizer.base.fit_record), saved in quantizer.json.
+        self.fit_info: dict | None = None
         self._tables: tuple[tuple, object] | None = None  # (weights' identity, encode tables)
 
     @property
@@ -392,7 +395,9 @@ class MmDictQuantizer:
         generator = torch.Generator().manual_seed(cfg.seed)
         x_all = torch.from_numpy(x_np)
         self.net = MultiScaleResidualQuantizer(x_np.shape[1], cfg)
-        self._init_from_data(x_all)
+        self.fit_info = fit_record(x_np)
+        with single_threaded():  # the same codebooks, and codes, on any thread count
+            self._init_from_data(x_all)
         device = torch.device(cfg.device)
         net = self.net.to(device)
         data_var = x_all.var(0).sum().item() + 1e-12
@@ -526,7 +531,7 @@ class MmDictQuantizer:
         self._check_fitted()
         directory = write_quantizer_meta(directory, {
             "kind": self.kind, "dim": self.net.dim, "config": asdict(self.config),
-            "history": self.history})
+            "fit": self.fit_info, "history": self.history})
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(directory / "weights.safetensors"))
         return directory
@@ -539,4 +544,5 @@ class MmDictQuantizer:
         quantizer.net.load_state_dict(load_file(str(Path(directory) / "weights.safetensors")))
         quantizer.net.eval()
         quantizer.history = meta.get("history", [])
+        quantizer.fit_info = meta.get("fit")
         return quantizer

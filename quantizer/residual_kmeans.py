@@ -16,8 +16,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from kernels import build_encode_tables, multiscale_encode
-from quantizer.base import (SCALE_NAMES, as_rows, check_codes, check_input,
-                            read_quantizer_meta, scale_code_layout, write_quantizer_meta)
+from quantizer.base import (SCALE_NAMES, as_rows, check_codes, check_input, fit_record,
+                            read_quantizer_meta, scale_code_layout, single_threaded,
+                            write_quantizer_meta)
 
 
 @dataclass
@@ -63,16 +64,25 @@ class ResidualKMeansQuantizer:
         self.code_names, self.codebook_sizes = scale_code_layout(cfg.scale_sizes, cfg.levels)
         self.codebooks: list[np.ndarray] = []  # one (k, d) per code column
         self.dim: int | None = None
+        # What the fit saw (quantizer.base.fit_record), saved in quantizer.json.
+        self.fit_info: dict | None = None
         self._tables: tuple[tuple[int, ...], object] | None = None  # (codebook ids, tables)
 
     def fit(self, x: np.ndarray, *, progress: bool = False) -> "ResidualKMeansQuantizer":
         """x: (n, d) float32. ``progress`` is accepted for interface parity (k-means is fast)."""
-        import faiss
-
         x = check_input(x)
         cfg = self.config
         self.dim = x.shape[1]
+        self.fit_info = fit_record(x)
         self.codebooks = []
+        with single_threaded():  # the same codebooks, and codes, on any thread count
+            self._fit_scales(x)
+        return self
+
+    def _fit_scales(self, x: np.ndarray) -> None:
+        import faiss
+
+        cfg = self.config
         for s, k in enumerate(cfg.scale_sizes):
             residual = x.copy()
             for level in range(cfg.levels):
@@ -89,7 +99,6 @@ class ResidualKMeansQuantizer:
                 idx = nearest_code(torch.from_numpy(residual), torch.from_numpy(codebook)).numpy()
                 residual -= codebook[idx]
                 self.codebooks.append(codebook)
-        return self
 
     def _check_fitted(self) -> None:
         if not self.codebooks:
@@ -130,7 +139,8 @@ class ResidualKMeansQuantizer:
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
         directory = write_quantizer_meta(
-            directory, {"kind": self.kind, "dim": self.dim, "config": asdict(self.config)})
+            directory, {"kind": self.kind, "dim": self.dim, "config": asdict(self.config),
+                        "fit": self.fit_info})
         save_file({f"codebook_{j}": c for j, c in enumerate(self.codebooks)},
                   str(directory / "codebooks.safetensors"))
         return directory
@@ -142,4 +152,5 @@ class ResidualKMeansQuantizer:
         tensors = load_file(str(Path(directory) / "codebooks.safetensors"))
         quantizer.codebooks = [tensors[f"codebook_{j}"] for j in range(len(quantizer.codebook_sizes))]
         quantizer.dim = int(meta["dim"])
+        quantizer.fit_info = meta.get("fit")
         return quantizer

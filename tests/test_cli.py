@@ -227,3 +227,28 @@ def test_a_users_own_events_go_split_quantize_train_register_serve(tmp_path, mon
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_quantize_writes_the_same_codes_on_one_thread_and_two(tmp_path, clustered_embeddings):
+    """Trained ID rows hang off the codes: `mmtok quantize` on the same file and seed must
+    write the same codes whatever the machine's thread count (faiss' trainers would not),
+    and quantizer.json says what the fit saw."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    np.save(tmp_path / "x.npy", clustered_embeddings)
+    for kind, extra in (("mmdict", ["--steps", "20"]), ("rq-kmeans", [])):
+        for threads in ("1", "2"):
+            env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": threads,
+                   "MKL_NUM_THREADS": threads}
+            subprocess.run([sys.executable, "-m", "mmtok.cli", "quantize", "--embeddings",
+                            str(tmp_path / "x.npy"), "--out", str(tmp_path / f"{kind}-{threads}"),
+                            "--quantizer", kind, "--scale-sizes", "16,64", "--quiet", *extra],
+                           env=env, check=True, capture_output=True)
+        one, two = (pl.read_parquet(tmp_path / f"{kind}-{t}" / "item_codes.parquet") for t in "12")
+        assert one.equals(two), kind
+        fit = json.loads((tmp_path / f"{kind}-1" / "quantizer" / "quantizer.json").read_text())["fit"]
+        assert fit["rows"] == 3000 and len(fit["input_sha256"]) == 64 and "torch" in fit["versions"]
