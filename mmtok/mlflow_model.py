@@ -46,8 +46,9 @@ class RankerPyfunc:
     def predict(self, model_input, params=None) -> np.ndarray:
         events = model_input if isinstance(model_input, pl.DataFrame) else pl.from_pandas(model_input)
         new_embeddings = None
+        content_row = self.model.content_rows(events["item_id"].to_numpy())  # looked up once
         if "embedding" in events.columns:
-            new = self.model.content_rows(events["item_id"].to_numpy()) == NEW_ITEM
+            new = content_row == NEW_ITEM
             if self.model.needs_content and new.any():
                 sent = events.filter(pl.Series(new))
                 lacking = sent.filter(pl.col("embedding").is_null())
@@ -57,7 +58,7 @@ class RankerPyfunc:
                                      f"({lacking.height} such rows)")
                 new_embeddings = np.array(sent["embedding"].to_list(), dtype=np.float32)
             events = events.drop("embedding")
-        return self.model.score_events(events, new_embeddings)
+        return self.model.score_events(events, new_embeddings, content_row=content_row)
 
 
 def _load_pyfunc(data_path: str) -> RankerPyfunc:

@@ -387,13 +387,12 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             lines.append(f"| `{key}`: {e['variant']} vs {e['reference']} | {e['rows']} | "
                          f"{_measure(e, e['value'])} | {_interval(e)} | "
                          f"{e['p_favourable']:.0%} |")
-        lines += ["", "Every seed's gap (AUC of the variant minus the reference's, seed by "
-                  "seed): " + "; ".join(
-                      f"`{key}` {', '.join(f'{g:+.4f}' for g in gaps)}"
-                      for key, e in intervals.items()
-                      if e["measure"] == "auc_diff" and (gaps := _seed_gaps(e, variants)))]
-        if len(seeds) < 2:
-            lines.pop()
+        if len(seeds) > 1:
+            lines += ["", "Every seed's gap (AUC of the variant minus the reference's, seed "
+                      "by seed): " + "; ".join(
+                          f"`{key}` {', '.join(f'{g:+.4f}' for g in gaps)}"
+                          for key, e in intervals.items()
+                          if e["measure"] == "auc_diff" and (gaps := _seed_gaps(e, variants)))]
         figure = plot_comparisons(intervals, out_dir / "comparisons.png")
         lines += ["", f"![Comparisons with their intervals]({figure.name})"]
     lines += ["", f"![AUC by variant]({plot.name})", ""]

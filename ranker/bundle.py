@@ -168,8 +168,8 @@ class ServableModel:
         dense, kjt = f.model_inputs(encoded.sparse, encoded.dense_ctx, content, vectors)
         return torch.sigmoid(self.model(dense, kjt)).numpy()
 
-    def score_events(self, events: pl.DataFrame, new_embeddings: np.ndarray | None = None
-                     ) -> np.ndarray:
+    def score_events(self, events: pl.DataFrame, new_embeddings: np.ndarray | None = None,
+                     *, content_row: np.ndarray | None = None) -> np.ndarray:
         """``score_candidates`` for an events frame, offline: looks the items up and
         checks the new items' embeddings itself.
 
@@ -178,11 +178,14 @@ class ServableModel:
             new_embeddings: (m, d) float32 embeddings of the rows whose item is not in
                 the content table, in row order; None if there is none (or the model
                 reads no content).
+            content_row: (n,) the events' rows in the content table (``content_rows``),
+                if the caller looked them up already.
 
         Returns:
             (n,) float32 probabilities.
         """
-        content_row = self.content_rows(events["item_id"].to_numpy())
+        if content_row is None:
+            content_row = self.content_rows(events["item_id"].to_numpy())
         m = int((content_row == NEW_ITEM).sum()) if self.needs_content else 0
         given = 0 if new_embeddings is None else len(new_embeddings)
         if self.needs_content and given != m:

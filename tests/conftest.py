@@ -45,3 +45,38 @@ def clustered_embeddings():
     x = centers[rng.integers(0, 30, size=3000)] + 0.25 * rng.normal(size=(3000, 24))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32)
+
+
+class ServeProcess:
+    """``mmtok serve --model MODEL --port 0`` in its own process, for tests of the real
+    command: ``banner`` is the line it prints once serving, ``addr`` its address.
+    ``stop()`` sends SIGTERM and returns the exit status; leaving the ``with`` block
+    kills a server still running."""
+
+    def __init__(self, model: str, *, cwd, env: dict | None = None) -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmtok.cli", "serve", "--model",
+                                      model, "--port", "0"], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.banner = self.proc.stdout.readline()  # printed once serving (EOF if it failed)
+        assert " on 127.0.0.1:" in self.banner, self.banner
+        self.addr = self.banner.split(" on ")[1].split()[0]
+
+    def stop(self) -> int:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

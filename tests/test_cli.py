@@ -3,6 +3,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from conftest import ServeProcess
 
 from mmtok.cli import main
 
@@ -130,19 +131,12 @@ def test_a_users_own_events_go_split_quantize_train_register_serve(tmp_path, mon
     small synthetic world go through split, quantize, train --register, and the
     registered model version is served and answers a Score request of 200 candidates, 40
     of them brand-new ads that carry only their embedding."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import mlflow
     from google.protobuf import json_format
 
     from mmtok.serving import ModelSlot
     from proto.mmtok.v1 import Candidate, ScoreRequest
 
-    root = Path(__file__).resolve().parents[1]
     store = f"sqlite:///{tmp_path / 'team.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     data, split, q = tmp_path / "data", tmp_path / "split", tmp_path / "q"
@@ -208,25 +202,14 @@ def test_a_users_own_events_go_split_quantize_train_register_serve(tmp_path, mon
         Candidate(item_id=int(i), embedding=e) for i, e in new_ads.iter_rows()]
     request = ScoreRequest(user_id=user, context=context, candidates=cands)
     (tmp_path / "request.json").write_text(json_format.MessageToJson(request))
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "mmtok.cli", "serve", "--model",
-                             "models:/demo-ids/1", "--port", "0"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert " on 127.0.0.1:" in line and metrics["model_version"] in line, line
-        addr = line.split(" on ")[1].split()[0]
-        assert main(["score", "--addr", addr, "--request", str(tmp_path / "request.json"),
+    with ServeProcess("models:/demo-ids/1", cwd=tmp_path) as server:
+        assert metrics["model_version"] in server.banner, server.banner
+        assert main(["score", "--addr", server.addr, "--request", str(tmp_path / "request.json"),
                      "--json"]) == 0
         reply = json.loads(capsys.readouterr().out)
         assert len(reply["scores"]) == 200 and reply["model_version"] == metrics["model_version"]
         assert sum(reply["tokenized"]) == 40 and all(0 < s < 1 for s in reply["scores"])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert server.stop() == 0
 
 
 def test_quantize_writes_the_same_codes_on_one_thread_and_two(tmp_path, clustered_embeddings):

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import polars as pl
 import pytest
+from conftest import ServeProcess
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -479,14 +480,8 @@ def test_serve_and_score_commands(world, served, tmp_path, capsys):
     from google.protobuf import json_format
 
     (tmp_path / "request.json").write_text(json_format.MessageToJson(request))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mmtok.cli", "serve", "--model",
-                             str(served["dir"]), "--port", "0"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()  # printed once serving (or EOF if it failed)
-        assert " on 127.0.0.1:" in line, line
-        addr = line.split(" on ")[1].split()[0]
+    with ServeProcess(str(served["dir"]), cwd=ROOT) as server:
+        addr = server.addr
         assert main(["score", "--addr", addr, "--health"]) == 0
         assert main(["score", "--addr", addr, "--request", str(tmp_path / "request.json")]) == 0
         out = capsys.readouterr().out
@@ -505,9 +500,4 @@ def test_serve_and_score_commands(world, served, tmp_path, capsys):
         bad.write_text('{"user_id": 5, "candidates": []}')
         assert main(["score", "--addr", addr, "--request", str(bad)]) == 2
         assert "INVALID_ARGUMENT" in capsys.readouterr().err
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert server.stop() == 0
