@@ -21,7 +21,11 @@ from quantizer import build_quantizers, quantizer_metrics, save_quantizer
 def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
                         scale_sizes: list[int], levels: int = 2, holdout: float = 0.2,
                         max_holdout: int = 10_000, seed: int = 0, steps: int | None = None,
-                        only: list[str] | None = None, progress: bool = True) -> dict:
+                        only: list[str] | None = None, stability: bool = True,
+                        progress: bool = True) -> dict:
+    """``stability``: also fit the seeded quantizers (mmtok, k-means, LSH) with seed + 1
+    and report ``ids_changed_across_seeds``, the share of held-out items whose full code
+    tuple changes (trained ID rows downstream are keyed by these tuples)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emb = read_embeddings(embeddings_path)
@@ -36,6 +40,10 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
     quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=steps)
     if only:
         quantizers = {k: v for k, v in quantizers.items() if k in only}
+    # ID stability: the seeded quantizers fitted again with another seed on the same rows
+    refits = {name: q for name, q in build_quantizers(scale_sizes, levels, seed=seed + 1,
+                                                      steps=steps).items()
+              if name in ("mmtok", "kmeans", "lsh") and name in quantizers}
     results, codes_of = {}, {}
     for name, q in quantizers.items():
         t = time.perf_counter()
@@ -49,6 +57,14 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
         metrics = quantizer_metrics(x_held, codes, x_hat, q.codebook_sizes, seed=seed)
         metrics.update(fit_s=fit_s, encode_items_per_s=len(x_held) / max(encode_s, 1e-9),
                        n_codes=len(q.codebook_sizes), codebook_sizes=list(q.codebook_sizes))
+        if hasattr(q, "decode_codewords"):  # what the IDs carry without the learned decoder
+            metrics["codeword_sum"] = quantizer_metrics(x_held, codes, q.decode_codewords(codes),
+                                                        q.codebook_sizes, seed=seed)
+        if getattr(q, "training_summary", None):
+            metrics["training"] = q.training_summary
+        if stability and name in refits:
+            again = refits[name].fit(x_fit, progress=False).encode(x_held)
+            metrics["ids_changed_across_seeds"] = float((again != codes).any(1).mean())
         results[name] = metrics
         codes_of[name] = codes
         if progress:
@@ -118,6 +134,28 @@ def write_quantizer_report(out: Path, report: dict, codes_of: dict[str, np.ndarr
         lines.append(f"| {name} | {m['bits']:.0f} | {m['rel_mse']:.4f} | {m['recall_at_10']:.4f} | "
                      f"{m['kendall_tau']:.4f} | {m['utilization']:.3f} | {m['collision_rate']:.4f} | "
                      f"{m['fit_s']:.1f} | {m['encode_items_per_s']:,.0f} |")
+        if "codeword_sum" in m:
+            c = m["codeword_sum"]
+            lines.append(f"| {name} (codeword sum) | {c['bits']:.0f} | {c['rel_mse']:.4f} | "
+                         f"{c['recall_at_10']:.4f} | {c['kendall_tau']:.4f} | "
+                         f"{c['utilization']:.3f} | {c['collision_rate']:.4f} | | |")
+    lines += ["", "`(codeword sum)`: the same codes rebuilt as the sum of their codewords, "
+              "without the learned decoder - what the IDs themselves carry.", ""]
+    for name, m in q.items():
+        t = m.get("training")
+        if t and t.get("codes_changed") is not None:
+            lines.append(f"- {name} training: {t['steps_run']} steps, best at step "
+                         f"{t['best_step']} on {t['valid_rows']} held-out fit rows; "
+                         f"{t['codes_changed']:.1%} of those rows' code tuples moved away from "
+                         f"the initialisation (per code: "
+                         + ", ".join(f"{v:.0%}" for v in t["codes_changed_per_level"]) + ").")
+    changed = {name: m["ids_changed_across_seeds"] for name, m in q.items()
+               if "ids_changed_across_seeds" in m}
+    if changed:
+        lines.append("- ID stability, the share of held-out items whose full code tuple "
+                     "changes when the quantizer is fitted again with another seed: "
+                     + ", ".join(f"{n} {v:.1%}" for n, v in changed.items())
+                     + " (faiss RQ and PQ take no seed: the same rows give the same codes).")
     lines += ["", "![quality](quality.png)", ""]
     if (out / "code_usage.png").exists():
         lines += ["![code usage](code_usage.png)", ""]

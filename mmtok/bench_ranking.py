@@ -116,9 +116,19 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     needed = {q for v in variants if (q := table[v][1])}
     t = time.perf_counter()
     qmetrics, codes_files, quantizer_dirs = {}, {}, {}
+    # The quantizers learn from the items with training events only: the held-out cold
+    # items are encoded out of sample, as a brand-new ad would be, and measured there.
+    trained_items = pl.scan_parquet(split.train).select(pl.col("item_id").unique()).collect()
+    seen = np.isin(emb.item_ids, trained_items["item_id"].to_numpy())
+    if seen.sum() < max(scale_sizes):
+        raise ValueError(f"only {int(seen.sum())} items have training events: a codebook of "
+                         f"{max(scale_sizes)} codes needs at least that many to fit")
+    unseen = ~seen if (~seen).sum() >= 50 else np.ones_like(seen)  # metrics need rows
+    measured_on = ("items without training events" if (~seen).sum() >= 50
+                   else "all items (fewer than 50 without training events)")
     for name in [q for q in quantizers if q in needed]:
         q = quantizers[name]
-        q.fit(emb.vectors, progress=progress)
+        q.fit(emb.vectors[seen], progress=progress)
         frame = encode_items(q, emb)
         codes_files[name] = root / "codes" / f"{name}.parquet"
         codes_files[name].parent.mkdir(exist_ok=True)
@@ -127,8 +137,12 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
         codes = frame.select(q.code_names).to_numpy()
         qmetrics[name] = {"kind": q.kind, "code_names": q.code_names,
                           "codebook_sizes": list(q.codebook_sizes),
-                          **quantizer_metrics(emb.vectors, codes, q.decode(codes),
-                                              q.codebook_sizes, seed=seed)}
+                          "fit_items": int(seen.sum()),
+                          "measured_on": measured_on,
+                          "measured_items": int(unseen.sum()),
+                          **quantizer_metrics(emb.vectors[unseen], codes[unseen],
+                                              q.decode(codes[unseen]), q.codebook_sizes,
+                                              seed=seed)}
         log(f"{name}: {len(q.code_names)} IDs, rel_mse {qmetrics[name]['rel_mse']:.3f}, "
             f"recall@10 {qmetrics[name]['recall_at_10']:.3f}")
     timings["quantize_s"] = time.perf_counter() - t

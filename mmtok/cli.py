@@ -117,7 +117,8 @@ def cmd_bench_quantizer(args: argparse.Namespace) -> None:
 
     run_bench_quantizer(args.embeddings, args.out, scale_sizes=args.scale_sizes,
                         levels=args.levels, holdout=args.holdout, seed=args.seed,
-                        steps=args.steps, only=args.only, progress=not args.quiet)
+                        steps=args.steps, only=args.only, stability=args.stability,
+                        progress=not args.quiet)
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
 
 
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="mmtok training steps")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="comma-separated subset of mmtok,faiss_rq,faiss_pq,kmeans,lsh")
+    p.add_argument("--no-stability", dest="stability", action="store_false",
+                   help="skip the second fit (seed + 1) that measures how many items' IDs "
+                        "change with the seed")
     _seed_and_quiet(p)
     p.set_defaults(func=cmd_bench_quantizer)
 

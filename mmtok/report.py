@@ -318,7 +318,9 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             "",
             f"Quantizer `{q['kind']}`: {len(q['code_names'])} IDs per item "
             f"({', '.join(q['code_names'])}), codebook sizes {q['codebook_sizes']}, "
-            f"{q['bits']:.0f} bits per item.",
+            f"{q['bits']:.0f} bits per item."
+            + (f" Fitted on the {q['fit_items']:,} items with training events; measured on "
+               f"{q['measured_items']:,} {q['measured_on']}." if "fit_items" in q else ""),
             "",
             "| rel_mse | recall@10 | kendall_tau | utilization | collision_rate |",
             "|---:|---:|---:|---:|---:|",

@@ -21,17 +21,23 @@ arXiv 2209.11727) in the spirit of RQ-VAE (arXiv 2203.01941) and QINCo (ICML 202
 * **No collapse**: codebooks start from faiss (its beam-search residual quantizer
   trainer for a cascade, k-means per level for parallel scales), a batch entropy bonus
   on code usage, and dead-code restart (unused codes re-seeded from live residuals).
-* **Two speeds**: the decoder learns at ``lr``; encoder and codebooks, which start at a
-  good solution, move at ``lr_codebooks`` - fine-tuning them faster over-fits the fit
-  set (measured: held-out rel_mse rises while the training loss falls).
+* **Codebooks that move**: from faiss' start, the codebooks of a chain are refit jointly
+  by least squares, alternating with the beam search (each level then fits the chain's
+  final error, not only what the earlier levels left), then encoder, codebooks and
+  decoder train by gradient (the decoder at ``lr``, encoder and codebooks at
+  ``lr_codebooks``). Both stop on held-out fit rows: the refinement at the first
+  iteration that does not help, the gradient steps after ``patience`` scores without a
+  better one; the network is then trained again on all rows for the counts found.
 * **Decoder**: a linear map back plus a small residual MLP, rebuilding the embedding
-  from the IDs. The loss keeps reconstruction error low **and** the partial order: a
-  listwise loss matches, for every item of a batch, the softmax over its cosine
+  from the IDs. The loss keeps reconstruction error low, at every level (each prefix of
+  the codes is decoded and scored, so coarse IDs mean something alone), **and** the
+  partial order: a listwise loss matches, for every item of a batch, the softmax over its cosine
   similarities to the other items before and after quantization.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,17 +70,32 @@ class MmDictConfig:
     latent_dim: int | None = None
     # Hidden width of the decoder's residual MLP (0 disables it).
     decoder_hidden: int = 256
-    # Optimiser steps (batches); the data is cycled as often as that takes.
-    steps: int = 300
+    # Most optimiser steps (batches); the data is cycled as often as that takes. The
+    # fit usually stops earlier, on the held-out rows (below).
+    steps: int = 1000
     batch_size: int = 1024
-    # Learning rate of the decoder, and of the encoder + codebooks. The latter start at
-    # a good solution (PCA + residual k-means/faiss RQ) whose entries are ~1/sqrt(d):
-    # a large step there undoes the initialisation, so it moves slowly.
+    # Share of the fit rows held out (at most validation_max_rows) to score the network
+    # every validate_every steps; training stops after `patience` scores without a
+    # better one and keeps the best step's weights.
+    validation_fraction: float = 0.1
+    validation_max_rows: int = 4096
+    validate_every: int = 50
+    patience: int = 4
+    # Before the gradient steps, the codebooks are refit jointly by least squares,
+    # alternating with the beam search, for at most this many iterations (stopped on
+    # the held-out rows); the ridge pulls each codeword towards its current value.
+    refine_iterations: int = 8
+    refine_ridge: float = 1.0
+    # Learning rate of the decoder, and of the encoder + codebooks (which start at PCA +
+    # faiss' residual quantizer: their entries are ~1/sqrt(d)).
     lr: float = 1e-3
-    lr_codebooks: float = 3e-6
+    lr_codebooks: float = 1e-4
     # Temperature of the soft assignment the STE backpropagates through (relative to
     # the mean squared distance of the level's codes).
     assign_temperature: float = 0.1
+    # Weight of the coarser levels' reconstruction losses (their mean), beside the full
+    # code's: every prefix of the codes should rebuild the item on its own.
+    level_weight: float = 1.0
     # Weight of the listwise order loss and its similarity temperature.
     rank_weight: float = 1.0
     rank_temperature: float = 0.5
@@ -103,6 +124,11 @@ class MmDictConfig:
         scale_code_layout(self.scale_sizes, self.levels)
         if self.mode not in ("cascade", "parallel"):
             raise ValueError(f"mode must be 'cascade' or 'parallel', got {self.mode!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.steps < 1 or self.validate_every < 1 or self.patience < 1:
+            raise ValueError(f"steps, validate_every and patience must be >= 1, got "
+                             f"{self.steps}, {self.validate_every}, {self.patience}")
 
 
 class MultiScaleResidualQuantizer(nn.Module):
@@ -185,17 +211,28 @@ class MultiScaleResidualQuantizer(nn.Module):
                 out[start:start + n, chain] = codes[:, 0]
         return out
 
+    def prefixes(self) -> list[list[int]]:
+        """The code columns each level's reconstruction uses, coarse to fine: a cascade's
+        chain prefixes (s0, s0 s1, s0 s1 m0, ...); for parallel scales, every scale's
+        levels up to the same depth (all centers, then centers + residuals, ...)."""
+        if self.config.mode == "cascade":
+            return [list(range(j + 1)) for j in range(self.n_codes)]
+        return [[j for levels in self._scale_slices() for j in levels[:depth + 1]]
+                for depth in range(self.config.levels)]
+
     def quantize(self, z: torch.Tensor, *, training: bool = False):
         """Nearest codes (greedy, or by beam search), scale by scale, level by level.
 
         Args: z: (n, latent).
-        Returns: codes (n, J) int64, per-scale quantized latents (list of (n, latent)),
+        Returns: codes (n, J) int64, the per-code quantized latents (list of J (n, latent)),
             and, when training, a dict of auxiliary losses.
 
-        The forward value of every quantized latent is the sum of its arg-max codewords.
-        When training, the gradient reaches (a) every code of a level through the soft
-        assignment (activated and non-activated codes keep exchanging information) and
-        (b) the encoder through the straight-through identity.
+        The forward value of every quantized latent is its arg-max codeword. When
+        training, the decoder's gradient takes one path to each part: to the codebooks
+        through the soft assignment over *all* codes of a level (computed from the
+        detached residual, so activated and non-activated codes keep exchanging
+        information), and to the encoder through the straight-through identity that
+        ``latent`` adds once per decoded chain.
         """
         cfg = self.config
         codes, quantized = [], []
@@ -203,15 +240,11 @@ class MultiScaleResidualQuantizer(nn.Module):
         commit = z.new_zeros(())
         entropy = z.new_zeros(())
         planned = self.search_codes(z.detach()) if cfg.beam_size > 1 else None
-        residual = z
+        target = z.detach()
         for levels in self._scale_slices():
-            if cfg.mode == "parallel" or not quantized:
-                scale_input = z
-                residual = z
-            else:
-                scale_input = residual
-            scale_q = torch.zeros_like(z)
-            hard_sum = torch.zeros_like(z)
+            if cfg.mode == "parallel" or not codes:
+                residual = target
+            hard_sum = torch.zeros_like(target)
             for j in levels:
                 book = self.codebooks[j]  # (K, latent)
                 if training or planned is None:
@@ -224,30 +257,42 @@ class MultiScaleResidualQuantizer(nn.Module):
                     soft_w = torch.softmax(-dist / scale_t, dim=1)  # (n, K) activations
                     soft = soft_w @ book
                     q = soft + (hard - soft).detach()  # value: the arg-max codeword
-                    codebook_loss = codebook_loss + F.mse_loss(hard, residual.detach())
+                    codebook_loss = codebook_loss + F.mse_loss(hard, residual)
                     usage = soft_w.mean(0)
                     entropy = entropy - (usage * torch.log(usage + 1e-9)).sum() / math.log(len(book))
                 else:
                     q = hard
                 codes.append(idx)
-                scale_q = scale_q + q
-                hard_sum = hard_sum + hard
-                residual = residual - q
-            if training:
-                commit = commit + F.mse_loss(scale_input, hard_sum.detach())
-                # Straight-through: the encoder sees the decoder's gradient as if the
-                # latent were unquantized. A cascade passes z once (its scales add up to
-                # z minus the last residual); parallel scales each pass z.
-                if cfg.mode == "parallel" or len(quantized) == 0:
-                    scale_q = scale_q + (z - z.detach())
-            quantized.append(scale_q)
+                quantized.append(q)
+                hard_sum = hard_sum + hard.detach()
+                residual = residual - hard.detach()
+            if training and cfg.mode == "parallel":  # each scale quantizes all of z
+                commit = commit + F.mse_loss(z, hard_sum)
+        if training and cfg.mode == "cascade":  # the chain quantizes z once
+            commit = F.mse_loss(z, target - residual)
         codes = torch.stack(codes, 1)
         if not training:
             return codes, quantized, {}
         return codes, quantized, {"codebook": codebook_loss, "commit": commit * cfg.commitment,
                                   "entropy": entropy / self.n_codes}
 
+    def latent(self, quantized: list[torch.Tensor], columns: list[int] | None = None,
+               z: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-scale latents from the per-code quantized latents, keeping only
+        ``columns`` (None: all). Given ``z`` (training), adds the straight-through
+        identity ``z - sg(z)`` once per chain: once for a cascade, once per parallel scale."""
+        keep = set(range(len(quantized)) if columns is None else columns)
+        out = []
+        for s, levels in enumerate(self._scale_slices()):
+            parts = [quantized[j] for j in levels if j in keep]
+            scale_q = torch.stack(parts, 0).sum(0) if parts else torch.zeros_like(quantized[0])
+            if z is not None and (self.config.mode == "parallel" or s == 0):
+                scale_q = scale_q + (z - z.detach())
+            out.append(scale_q)
+        return out
+
     def decode_latent(self, quantized: list[torch.Tensor]) -> torch.Tensor:
+        """Per-scale latents -> (n, d)."""
         if self.config.mode == "parallel":
             zq = torch.cat(quantized, dim=1)  # (n, S * latent)
         else:
@@ -264,10 +309,16 @@ class MultiScaleResidualQuantizer(nn.Module):
             out.append(sum(self.codebooks[j][codes[:, j]] for j in levels))
         return out
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, *, levels: bool = False):
+        """``(x_hat, codes, losses)``; with ``levels``, ``x_hat`` is the list of every
+        level's reconstruction (``prefixes()``), coarse to fine, the last being the full one."""
         z = self.encoder(x)
         codes, quantized, losses = self.quantize(z, training=self.training)
-        return self.decode_latent(quantized), codes, losses
+        straight = z if self.training else None
+        if not levels:
+            return self.decode_latent(self.latent(quantized, z=straight)), codes, losses
+        return ([self.decode_latent(self.latent(quantized, cols, z=straight))
+                 for cols in self.prefixes()], codes, losses)
 
     def orthogonality(self) -> torch.Tensor:
         """Mean squared cosine between codewords of different scales."""
@@ -318,6 +369,8 @@ class MmDictQuantizer:
         self.history: list[dict] = []
         # What the fit saw (quantizer.base.fit_record), saved in quantizer.json.
         self.fit_info: dict | None = None
+        # How the last fit went (steps, best step, share of codes moved from the start).
+        self.training_summary: dict | None = None
         self._tables: tuple[tuple, object] | None = None  # (weights' identity, encode tables)
 
     @property
@@ -365,6 +418,58 @@ class MmDictQuantizer:
             net.decoder.weight.copy_(decoder_w)
             net.decoder.bias.copy_(mean)
 
+    @torch.no_grad()
+    def _refine_codebooks(self, z: torch.Tensor, z_valid: torch.Tensor | None,
+                          iterations: int, chunk_rows: int = 8192) -> int:
+        """Moves every codebook of a chain to fit the chain's *final* error: alternates the
+        beam search's codes with a joint least-squares solve of all the chain's codewords
+        (``min ||z - sum_j C_j[code_j]||^2``, ridge ``refine_ridge`` towards the current
+        codewords, so a rarely hit code moves little). The residual trainer fits each level
+        to what the earlier levels left, greedily; this lets the levels share the work.
+
+        With ``z_valid``, stops at the first iteration that does not lower the held-out
+        error and keeps the best codebooks; returns the number of iterations kept."""
+        net, cfg = self.net, self.config
+        chains = ([list(range(net.n_codes))] if cfg.mode == "cascade"
+                  else [list(r) for r in net._scale_slices()])
+
+        def error(x: torch.Tensor) -> float:
+            codes = net.search_codes(x)
+            return sum(float((x - sum(net.codebooks[j][codes[:, j]] for j in chain))
+                             .pow(2).sum()) for chain in chains)
+
+        best = (error(z_valid), 0, [b.detach().clone() for b in net.codebooks]) \
+            if z_valid is not None else None
+        for it in range(1, iterations + 1):
+            gram, moment = {}, {}
+            for start in range(0, len(z), chunk_rows):
+                zc = z[start:start + chunk_rows]
+                codes = net.search_codes(zc)
+                for c, chain in enumerate(chains):
+                    sizes = [len(net.codebooks[j]) for j in chain]
+                    offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()])
+                    onehot = torch.zeros(len(zc), sum(sizes), dtype=torch.float64)
+                    onehot.scatter_(1, codes[:, chain] + offsets, 1.0)
+                    gram[c] = gram.get(c, 0) + onehot.T @ onehot
+                    moment[c] = moment.get(c, 0) + onehot.T @ zc.double()
+            for c, chain in enumerate(chains):
+                current = torch.cat([net.codebooks[j] for j in chain]).double()
+                ridge = cfg.refine_ridge * torch.eye(len(current), dtype=torch.float64)
+                solved = torch.linalg.solve(gram[c] + ridge, moment[c] + cfg.refine_ridge * current)
+                for j, part in zip(chain, torch.split(solved.float(), [len(net.codebooks[j])
+                                                                       for j in chain])):
+                    net.codebooks[j].copy_(part)
+            if best is not None:
+                err = error(z_valid)
+                if err >= best[0] * (1 - 1e-4):
+                    break
+                best = (err, it, [b.detach().clone() for b in net.codebooks])
+        if best is None:
+            return iterations
+        for book, kept in zip(net.codebooks, best[2]):
+            book.copy_(kept)
+        return best[1]
+
     def _faiss_rq_codebooks(self, z: torch.Tensor) -> list[torch.Tensor] | None:
         """A cascade's codebooks from faiss' residual quantizer trainer (beam search),
         which generalises better than greedy per-level k-means; None when a codebook
@@ -385,68 +490,160 @@ class MmDictQuantizer:
         return list(torch.split(flat, sizes))
 
     def fit(self, x: np.ndarray, *, progress: bool = False) -> "MmDictQuantizer":
-        """x: (n, d) float32, at least ``max(scale_sizes)`` rows. ``progress``: a bar per step."""
+        """x: (n, d) float32, at least ``max(scale_sizes)`` rows. ``progress``: a bar per step.
+
+        The step count is found, not set: ``validation_fraction`` of the rows are held
+        out, the network is scored on them every ``validate_every`` steps, and training
+        stops after ``patience`` scores without a better one. The network is then trained
+        again from its initialisation on all rows for the best score's number of steps
+        (none: the initialisation is kept). ``training_summary`` says what happened,
+        including the share of the held-out rows whose codes moved from the initial ones.
+        """
         x_np = check_input(x)
         cfg = self.config
         if len(x_np) < max(cfg.scale_sizes):
             raise ValueError(f"a codebook of {max(cfg.scale_sizes)} codes needs at least that "
                              f"many training rows, got {len(x_np)}")
-        torch.manual_seed(cfg.seed)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        x_all = torch.from_numpy(x_np)
-        self.net = MultiScaleResidualQuantizer(x_np.shape[1], cfg)
         self.fit_info = fit_record(x_np)
+        x_all = torch.from_numpy(x_np)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        n_valid = min(int(len(x_np) * cfg.validation_fraction), cfg.validation_max_rows)
+        if len(x_np) - n_valid < max(cfg.scale_sizes) or n_valid < 32:
+            n_valid = 0  # too few rows to spare: train on all for the most steps
+        split = torch.randperm(len(x_np), generator=generator)
+        x_valid, x_train = x_all[split[:n_valid]], x_all[split[n_valid:]]
+        self.history = []
+        found = self._train(x_train, x_valid if n_valid else None, cfg.steps, generator,
+                            progress=progress, refine_iterations=cfg.refine_iterations)
+        summary = {"valid_rows": n_valid, "refine_iterations": found["refine_iterations"],
+                   "steps_run": found["steps_run"],
+                   "best_step": found["best_step"], "valid_loss_best": found["valid_loss_best"],
+                   "valid_loss_init": found["valid_loss_init"]}
+        if n_valid:  # now on all rows; the held-out rows show how far the codes moved
+            initial_codes = self._train(x_all, None, found["best_step"], generator,
+                                        progress=progress, probe=x_valid,
+                                        refine_iterations=found["refine_iterations"]
+                                        )["initial_codes"]
+            with torch.no_grad():
+                final_codes = self.net.eval()(x_valid)[1]
+            moved = final_codes != initial_codes
+            summary.update(codes_changed=float(moved.any(1).float().mean()),
+                           codes_changed_per_level=moved.float().mean(0).tolist())
+        self.training_summary = summary
+        return self
+
+    def _train(self, x_train: torch.Tensor, x_valid: torch.Tensor | None, steps: int,
+               generator: torch.Generator, *, progress: bool, refine_iterations: int,
+               probe: torch.Tensor | None = None) -> dict:
+        """Initialises ``self.net`` from ``x_train`` and trains it for at most ``steps``
+        steps; with ``x_valid``, stops on it and keeps the best-scoring step's weights.
+        The codes of ``probe`` under the initial network (faiss' codebooks, before any
+        refinement) are returned as ``initial_codes``."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.net = MultiScaleResidualQuantizer(x_train.shape[1], cfg)
         with single_threaded():  # the same codebooks, and codes, on any thread count
-            self._init_from_data(x_all)
+            self._init_from_data(x_train)
+            with torch.no_grad():
+                initial_codes = self.net.eval()(probe)[1] if probe is not None else None
+                z_valid = self.net.encoder(x_valid) if x_valid is not None else None
+                refined = self._refine_codebooks(self.net.encoder(x_train), z_valid,
+                                                 refine_iterations)
         device = torch.device(cfg.device)
         net = self.net.to(device)
-        data_var = x_all.var(0).sum().item() + 1e-12
+        data_var = x_train.var(0).sum().item() + 1e-12
+        found = {"steps_run": 0, "best_step": 0, "valid_loss_best": None, "valid_loss_init": None,
+                 "refine_iterations": refined}
+        best_state, since_best = None, 0
+        if probe is not None:
+            found["initial_codes"] = initial_codes
+        if x_valid is not None:
+            x_valid = x_valid.to(device)
+            loss0, _ = self._validation_loss(x_valid, data_var)
+            found["valid_loss_init"] = found["valid_loss_best"] = loss0
+            best_state = copy.deepcopy(net.state_dict())
+        if steps == 0:
+            net.eval()
+            self.net = net.cpu()
+            return found
         slow = list(net.encoder.parameters()) + list(net.codebooks.parameters())
         slow_ids = {id(p) for p in slow}
         fast = [p for p in net.parameters() if id(p) not in slow_ids]
         opt = torch.optim.Adam([{"params": slow, "lr": cfg.lr_codebooks},
                                 {"params": fast, "lr": cfg.lr}])
-        batch = min(cfg.batch_size, len(x_np))
-        total = cfg.steps
+        batch = min(cfg.batch_size, len(x_train))
+        total = cfg.steps  # the schedule of the longest fit, whatever step it stops at
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
-        self.history = []
         hits = [torch.zeros(len(b), dtype=torch.long) for b in net.codebooks]
         sums = {"recon": 0.0, "order": 0.0, "n": 0}
-        order = torch.randperm(len(x_np), generator=generator)
+        order = torch.randperm(len(x_train), generator=generator)
         cursor = 0
-        net.train()
-        for step in tqdm(range(1, total + 1), desc="fit mmdict", unit="step", disable=not progress,
-                         mininterval=1.0):
+        bar = tqdm(total=steps, desc="fit mmdict" + (" (finding steps)" if x_valid is not None
+                                                      else ""),
+                   unit="step", disable=not progress, mininterval=1.0)
+        for step in range(1, steps + 1):
+            net.train()
             if cursor + batch > len(order):
-                order, cursor = torch.randperm(len(x_np), generator=generator), 0
-            xb = x_all[order[cursor:cursor + batch]].to(device)
+                order, cursor = torch.randperm(len(x_train), generator=generator), 0
+            xb = x_train[order[cursor:cursor + batch]].to(device)
             cursor += batch
-            x_hat, codes, aux = net(xb)
-            recon = (x_hat - xb).pow(2).sum(1).mean() / data_var
-            rank = order_loss(xb, x_hat, cfg.rank_temperature, cfg.rank_queries)
-            loss = recon + cfg.rank_weight * rank + aux["codebook"] + aux["commit"] \
-                - cfg.entropy_weight * aux["entropy"]
+            x_levels, codes, aux = net(xb, levels=True)
+            recon_levels = [(x_hat - xb).pow(2).sum(1).mean() / data_var for x_hat in x_levels]
+            recon = recon_levels[-1]
+            coarse = torch.stack(recon_levels[:-1]).mean() if len(recon_levels) > 1 else 0.0
+            rank = order_loss(xb, x_levels[-1], cfg.rank_temperature, cfg.rank_queries)
+            loss = recon + cfg.level_weight * coarse + cfg.rank_weight * rank \
+                + aux["codebook"] + aux["commit"] - cfg.entropy_weight * aux["entropy"]
             if cfg.mode == "parallel" and cfg.ortho_weight:
                 loss = loss + cfg.ortho_weight * net.orthogonality()
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+            bar.update()
+            found["steps_run"] = step
             for j in range(net.n_codes):
                 hits[j] += torch.bincount(codes[:, j].cpu(), minlength=len(hits[j]))
             sums["recon"] += recon.item()
             sums["order"] += rank.item()
             sums["n"] += 1
-            if step % cfg.restart_every == 0 or step == total:
-                restarted = self._restart_dead_codes(x_all, hits, generator)
+            if step % cfg.restart_every == 0 or step == steps:
+                restarted = self._restart_dead_codes(x_train, hits, generator)
                 self.history.append({"step": step, "recon": sums["recon"] / sums["n"],
                                      "order": sums["order"] / sums["n"], "restarted": restarted})
                 hits = [torch.zeros_like(h) for h in hits]
                 sums = {"recon": 0.0, "order": 0.0, "n": 0}
+            if x_valid is not None and (step % cfg.validate_every == 0 or step == steps):
+                valid_loss, _ = self._validation_loss(x_valid, data_var)
+                self.history.append({"step": step, "valid_loss": valid_loss})
+                bar.set_postfix(valid=f"{valid_loss:.4f}", best=f"{found['valid_loss_best']:.4f}")
+                if valid_loss < found["valid_loss_best"] * (1 - 1e-4):
+                    found.update(best_step=step, valid_loss_best=valid_loss)
+                    best_state, since_best = copy.deepcopy(net.state_dict()), 0
+                else:
+                    since_best += 1
+                    if since_best >= cfg.patience:
+                        break
+        bar.close()
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        else:
+            found["best_step"] = found["steps_run"]
         net.eval()
         self.net = net.cpu()
-        return self
+        return found
+
+    @torch.no_grad()
+    def _validation_loss(self, x_valid: torch.Tensor, data_var: float
+                         ) -> tuple[float, torch.Tensor]:
+        """The objective the fit stops on, on held-out rows: reconstruction of the full
+        code plus the order loss; returns it and the rows' codes."""
+        net, cfg = self.net.eval(), self.config
+        x_hat, codes, _ = net(x_valid)
+        recon = (x_hat - x_valid).pow(2).sum(1).mean() / data_var
+        rank = order_loss(x_valid, x_hat, cfg.rank_temperature)
+        return float(recon + cfg.rank_weight * rank), codes.cpu()
 
     @torch.no_grad()
     def _restart_dead_codes(self, x_all: torch.Tensor, hits: list[torch.Tensor],
@@ -527,11 +724,26 @@ class MmDictQuantizer:
             out[start:start + len(c)] = net.decode_latent(net.codewords(c)).numpy()
         return out
 
+    @torch.no_grad()
+    def decode_codewords(self, codes: np.ndarray) -> np.ndarray:
+        """codes (n, J) -> (n, d): the sum of the codewords mapped back through the
+        encoder's pseudo-inverse, no learned decoder - what the IDs themselves carry.
+        Parallel scales, each a reconstruction of the whole latent, are averaged."""
+        self._check_fitted()
+        codes = check_codes(codes, self.codebook_sizes)
+        net = self.net.eval()
+        scales = net.codewords(torch.from_numpy(codes))
+        zq = torch.stack(scales, 0).sum(0) if self.config.mode == "cascade" \
+            else torch.stack(scales, 0).mean(0)
+        back = torch.linalg.pinv(net.encoder.weight.double())  # (d, latent)
+        return ((zq.double() - net.encoder.bias.double()) @ back.T).float().numpy()
+
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
         directory = write_quantizer_meta(directory, {
             "kind": self.kind, "dim": self.net.dim, "config": asdict(self.config),
-            "fit": self.fit_info, "history": self.history})
+            "fit": self.fit_info, "training": self.training_summary,
+            "history": self.history})
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(directory / "weights.safetensors"))
         return directory
@@ -545,4 +757,5 @@ class MmDictQuantizer:
         quantizer.net.eval()
         quantizer.history = meta.get("history", [])
         quantizer.fit_info = meta.get("fit")
+        quantizer.training_summary = meta.get("training")
         return quantizer

@@ -98,6 +98,10 @@ def test_data_featurize_quantize_commands(tmp_path):
         assert {"bits", "rel_mse", "recall_at_10", "kendall_tau", "utilization", "collision_rate",
                 "fit_s", "encode_items_per_s"} <= set(m), name
         assert m["bits"] == (3 if name == "kmeans" else 10)
+    mm = bench["quantizers"]["mmtok"]
+    assert mm["codeword_sum"]["rel_mse"] > 0 and 0 <= mm["ids_changed_across_seeds"] <= 1
+    assert mm["training"]["steps_run"] <= 30 and "codes_changed" in mm["training"]
+    assert "codeword sum" in (tmp_path / "bq" / "report.md").read_text()
     assert (tmp_path / "bq" / "quality.png").exists() and (tmp_path / "bq" / "code_usage.png").exists()
     for kind in ("mmdict", "rq-kmeans"):
         assert main(["quantize", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),

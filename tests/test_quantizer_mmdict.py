@@ -170,3 +170,83 @@ def test_encode_tables_follow_weights_changed_in_place(clustered_embeddings):
     after = q.encode(clustered_embeddings)
     k = q.codebook_sizes[0]
     assert np.array_equal(after[:, 0], k - 1 - before[:, 0])
+
+
+def test_straight_through_passes_the_identity_once(clustered_embeddings):
+    """The encoder's gradient is the decoder's gradient at the quantized latent, taken
+    once: the soft assignment feeds the codebooks, not the encoder a second time."""
+    q = MmDictQuantizer(small_config(steps=1)).fit(clustered_embeddings, progress=False)
+    net = q.net.train()
+    x = torch.from_numpy(clustered_embeddings[:64])
+    z = net.encoder(x).detach().requires_grad_(True)
+    codes, quantized, _ = net.quantize(z, training=True)
+    net.decode_latent(net.latent(quantized, z=z)).pow(2).sum().backward()
+    zq = torch.stack([t.detach() for t in quantized]).sum(0).requires_grad_(True)
+    net.decode_latent([zq]).pow(2).sum().backward()
+    torch.testing.assert_close(z.grad, zq.grad)
+
+
+def test_every_level_reconstructs_and_finer_levels_do_better(fitted, clustered_embeddings):
+    net = fitted.net.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(clustered_embeddings)
+        levels, _, _ = net(x, levels=True)
+    assert len(levels) == 6
+    errors = [(x_hat - x).pow(2).sum(1).mean().item() for x_hat in levels]
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 0.2 * x.var(0).sum().item()
+
+
+def test_fit_finds_its_step_count_on_held_out_rows(clustered_embeddings):
+    q = MmDictQuantizer(small_config(steps=200, validate_every=20, patience=3))
+    x = torch.from_numpy(clustered_embeddings)
+    x_valid, x_train = x[:300], x[300:]
+    found = q._train(x_train, x_valid, 200, torch.Generator().manual_seed(0), progress=False,
+                     refine_iterations=4)
+    scores = {h["step"]: h["valid_loss"] for h in q.history if "valid_loss" in h}
+    assert 0 <= found["best_step"] <= found["steps_run"] <= 200
+    if found["best_step"]:
+        assert scores[found["best_step"]] == min(scores.values())
+    # the kept weights are the best step's: their held-out score is the one recorded
+    again, _ = q._validation_loss(x_valid, x_train.var(0).sum().item() + 1e-12)
+    assert again == pytest.approx(found["valid_loss_best"], rel=1e-5)
+
+    q.fit(clustered_embeddings, progress=False)  # finds the steps, then trains on all rows
+    summary = q.training_summary
+    assert summary["valid_rows"] == 300 and summary["best_step"] <= summary["steps_run"]
+    assert 0.0 <= summary["codes_changed"] <= 1.0
+    assert len(summary["codes_changed_per_level"]) == 6
+
+
+def test_codeword_sum_reconstruction_carries_the_ids(fitted, clustered_embeddings):
+    x = clustered_embeddings
+    codes = fitted.encode(x)
+    shuffled = np.random.default_rng(0).permutation(codes)
+    good = quantizer_metrics(x, codes, fitted.decode_codewords(codes), fitted.codebook_sizes)
+    bad = quantizer_metrics(x, shuffled, fitted.decode_codewords(shuffled), fitted.codebook_sizes)
+    assert good["rel_mse"] < 0.5 < bad["rel_mse"]
+
+
+def test_least_squares_refinement_lowers_the_held_out_error(clustered_embeddings):
+    from quantizer.mmdict import MultiScaleResidualQuantizer
+
+    q = MmDictQuantizer(small_config())
+    x = torch.from_numpy(clustered_embeddings)
+    x_valid, x_train = x[:500], x[500:]
+    q.net = MultiScaleResidualQuantizer(24, q.config)
+    q._init_from_data(x_train)
+    net = q.net.eval()
+
+    def held_out_error() -> float:
+        with torch.no_grad():
+            z = net.encoder(x_valid)
+            codes = net.search_codes(z)
+            return (z - sum(net.codebooks[j][codes[:, j]] for j in range(6))).pow(2).sum().item()
+
+    before = held_out_error()
+    with torch.no_grad():
+        kept = q._refine_codebooks(net.encoder(x_train), net.encoder(x_valid), 6)
+    assert 0 <= kept <= 6
+    assert held_out_error() <= before * (1 + 1e-6)
+    if kept:
+        assert held_out_error() < before

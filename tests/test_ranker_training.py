@@ -383,6 +383,11 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert predicted.columns == ["user_id", "item_id", "label", "is_cold", "prob"]
     assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
     assert metrics["quantizer"]["codebook_sizes"] == [16, 16, 16, 64, 64, 64]
+    # The quantizers never saw the held-out cold items: their codes are out of sample.
+    n_items = metrics["quantizer"]["fit_items"] + metrics["quantizer"]["measured_items"]
+    assert metrics["quantizer"]["measured_on"] == "items without training events"
+    assert metrics["quantizer"]["measured_items"] >= metrics["dataset"]["split"]["holdout_items"]
+    assert n_items == pl.read_parquet(world_files["item_embeddings"]).height
     # The synthetic world knows its clicks' true logit: the oracle bounds every variant.
     oracle = metrics["oracle"]
     assert all(m["auc"] < oracle["auc"] for m in metrics["variants"].values())
