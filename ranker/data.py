@@ -33,25 +33,31 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
-def item_id_drops_at(seed: int, epoch: int, step: int, global_batch: int,
-                     positions: torch.Tensor, rate: float) -> torch.Tensor | None:
-    """Which examples at this step get the out-of-vocabulary item id: the draws are made
-    for the whole global batch of ``global_batch`` from ``(seed, epoch, step)``, and a rank
-    takes those at its ``positions`` in it. A resumed run draws the same masks, and N
-    processes drop the same examples as one process given the same batch."""
+# The independent draws of each kind of id dropout (the key of its random stream).
+ITEM_ID_DRAWS, CROSS_ID_DRAWS = 0, 1
+
+
+def id_drops_at(seed: int, epoch: int, step: int, global_batch: int,
+                positions: torch.Tensor, rate: float, draws: int = ITEM_ID_DRAWS
+                ) -> torch.Tensor | None:
+    """Which examples at this step get an id dropped (``draws``: the item id, or the
+    user x content cross): the draws are made for the whole global batch of
+    ``global_batch`` from ``(seed, epoch, step, draws)``, and a rank takes those at its
+    ``positions`` in it. A resumed run draws the same masks, and N processes drop the
+    same examples as one process given the same batch."""
     if rate <= 0:
         return None
-    generator = torch.Generator().manual_seed(int(_rng(seed, epoch, step, 0).integers(2**62)))
+    generator = torch.Generator().manual_seed(int(_rng(seed, epoch, step, draws).integers(2**62)))
     return torch.rand(global_batch, generator=generator)[positions] < rate
 
 
-def item_id_drops(seed: int, epoch: int, step: int, shard: "Shard", n: int,
-                  rate: float) -> torch.Tensor | None:
-    """``item_id_drops_at`` for a rank that holds positions r, r + world_size, ... of a
+def id_drops(seed: int, epoch: int, step: int, shard: "Shard", n: int,
+             rate: float, draws: int = ITEM_ID_DRAWS) -> torch.Tensor | None:
+    """``id_drops_at`` for a rank that holds positions r, r + world_size, ... of a
     global batch of ``n * world_size`` (its ``n`` examples)."""
     global_batch = n * shard.world_size
-    return item_id_drops_at(seed, epoch, step, global_batch,
-                            torch.arange(shard.rank, global_batch, shard.world_size), rate)
+    return id_drops_at(seed, epoch, step, global_batch,
+                       torch.arange(shard.rank, global_batch, shard.world_size), rate, draws)
 
 
 def rank_batch_size(batch_size: int, shard: "Shard") -> int:
@@ -80,7 +86,7 @@ class InMemoryBatches:
 
     Each epoch draws one seeded permutation of all rows and cuts it into global batches
     of ``batch_size``; rank r takes every ``world_size``-th row of each. So N processes
-    train on exactly the batches (and item-id dropout draws) of one process, and
+    train on exactly the batches (and id dropout draws) of one process, and
     their test AUCs differ only by floating-point reduction order.
     """
 
@@ -94,16 +100,21 @@ class InMemoryBatches:
     def num_batches(self, epoch: int) -> int:
         return -(-self._rows_per_rank // self._rank_batch)
 
-    def batches(self, epoch: int, *, item_id_dropout: float = 0.0, start: int = 0
-                ) -> Iterator[Batch]:
-        """Batches of one epoch, from step ``start`` on."""
+    def batches(self, epoch: int, *, item_id_dropout: float = 0.0, cross_id_dropout: float = 0.0,
+                start: int = 0) -> Iterator[Batch]:
+        """Batches of one epoch, from step ``start`` on; ``*_dropout``: the shares of
+        examples whose item id / user x content cross is dropped (``FeatureEncoder.batch``)."""
         order = _rng(self.seed, epoch).permutation(len(self.events))
         mine = order[self.shard.rank::self.shard.world_size][:self._rows_per_rank]
         b = self._rank_batch
         for step in range(start, self.num_batches(epoch)):
             index = torch.from_numpy(mine[step * b:(step + 1) * b])
-            yield self.features.batch(self.events, index, drop_item_id=item_id_drops(
-                self.seed, epoch, step, self.shard, len(index), item_id_dropout))
+            n = len(index)
+            yield self.features.batch(
+                self.events, index,
+                drop_item_id=id_drops(self.seed, epoch, step, self.shard, n, item_id_dropout),
+                drop_cross_id=id_drops(self.seed, epoch, step, self.shard, n, cross_id_dropout,
+                                       CROSS_ID_DRAWS))
 
 
 class ParquetBatches:
@@ -117,7 +128,7 @@ class ParquetBatches:
     ``batch_size / data_shards`` of its rows a step. Global batch k is the
     k-th rows of every stream, in stream order, and rank r of N reads only streams
     r, r + N, ... So 1, 2 or 4 processes over 4 streams train on the same global batches
-    (and item-id dropout draws), as ``InMemoryBatches`` does, while each rank reads its
+    (and id dropout draws), as ``InMemoryBatches`` does, while each rank reads its
     own part of the file. Streams hold the same number of rows (within a few), so an
     epoch leaves out at most about one batch of rows, and every rank stops after the same
     ``num_batches(epoch)`` steps.
@@ -208,14 +219,16 @@ class ParquetBatches:
                     yield parts
                     parts, held = [], 0
 
-    def batches(self, epoch: int, *, item_id_dropout: float = 0.0, start: int = 0
-                ) -> Iterator[Batch]:
-        """Batches of one epoch, from step ``start`` on."""
+    def batches(self, epoch: int, *, item_id_dropout: float = 0.0, cross_id_dropout: float = 0.0,
+                start: int = 0) -> Iterator[Batch]:
+        """Batches of one epoch, from step ``start`` on (``InMemoryBatches.batches``)."""
         streams = [self._stream_rows(epoch, v, start) for v in self._streams]
         for step in range(start, self.num_batches(epoch)):
             rows = _take_rows([part for s in streams for part in next(s)])
-            yield self.features.batch(rows, slice(None), drop_item_id=item_id_drops_at(
-                self.seed, epoch, step, self.batch_size, self._positions, item_id_dropout))
+            drops = (self.seed, epoch, step, self.batch_size, self._positions)
+            yield self.features.batch(
+                rows, slice(None), drop_item_id=id_drops_at(*drops, item_id_dropout),
+                drop_cross_id=id_drops_at(*drops, cross_id_dropout, CROSS_ID_DRAWS))
 
 
 def _take_rows(parts: list[tuple[EncodedEvents, torch.Tensor]]) -> EncodedEvents:

@@ -38,11 +38,15 @@ class IdVocab:
 
     # Sorted raw ids that own a row; id ids[k] lives in row k + 1.
     ids: np.ndarray
+    # Fitted: (num_embeddings,) training occurrences per row (row 0: those of the ids
+    # below min_count); None for a vocabulary loaded from a model.
+    counts: np.ndarray | None = None
 
     @classmethod
     def fit(cls, values: np.ndarray, *, min_count: int = 1) -> "IdVocab":
         uniq, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
-        return cls(uniq[counts >= min_count])
+        kept = counts >= min_count
+        return cls(uniq[kept], np.concatenate([[counts[~kept].sum()], counts[kept]]))
 
     @property
     def num_embeddings(self) -> int:
@@ -338,6 +342,19 @@ class FeatureEncoder:
             self.code_vocabs = {name: IdVocab.fit(ids[trained, j], min_count=min_code_items)
                                 for j, name in enumerate(names)}
         self._set_content(content)
+        # Training events per row of each one-id feature (ids and the user cross), for
+        # RankerConfig.id_l2_frequency; the shared out-of-vocabulary rows count 0 (they
+        # stand for every unseen id, and are not the rows that memorise).
+        self.id_row_counts = {name: np.concatenate([[0], vocab.counts[1:]])
+                              for name, vocab in self.vocabs.items()}
+        if self.user_cross is not None:
+            users = self.vocabs["user_id"].rows(column("user_id"))
+            rows, found = content.find(column("item_id"))
+            cross = self._cross_rows(torch.from_numpy(users[found]),
+                                     self._content_columns.cross[rows[found]]).numpy()
+            counts = np.bincount(cross, minlength=self.cross_sizes[0])
+            counts[:self._cross_values] = 0  # (out-of-vocabulary user, value)
+            self.id_row_counts[self.cross_names[0]] = counts
 
     def _content_ids(self, codes: np.ndarray, code_names: list[str], codebook_sizes: list[int]
                      ) -> tuple[list[str], list[int], np.ndarray]:
@@ -480,6 +497,7 @@ class FeatureEncoder:
             encoder.content_mean = np.asarray(arrays["content_mean"], dtype=np.float32)
             encoder.content_std = np.asarray(arrays["content_std"], dtype=np.float32)
         encoder._set_content(content)
+        encoder.id_row_counts = {}  # training counts: no part of a trained model
         return encoder
 
     @property
@@ -523,11 +541,13 @@ class FeatureEncoder:
         )
 
     def batch(self, events: EncodedEvents, index: torch.Tensor | slice, *,
-              drop_item_id: torch.Tensor | None = None
+              drop_item_id: torch.Tensor | None = None, drop_cross_id: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
         """Gathers rows ``index`` (or all rows, ``slice(None)``, without a copy) into
         ``(dense (B, Dd), kjt, labels (B,))``, the content from the known items' tables.
-        ``drop_item_id``: (B,) bool, examples whose item id becomes the OOV row."""
+        ``drop_item_id``: (B,) bool, examples whose item id becomes the OOV row.
+        ``drop_cross_id``: (B,) bool, examples whose user x content cross becomes the
+        out-of-vocabulary user's row for that content value (what a cold user reads)."""
         ids = events.sparse[index]  # (B, F_ids)
         if drop_item_id is not None:
             ids = ids.clone()
@@ -535,11 +555,20 @@ class FeatureEncoder:
         content_row = events.content_row[index]
         content = None if self._content_columns is None else self._content_columns[content_row]
         vectors = None if self._vectors is None else self._vectors[content_row]
-        dense, kjt = self.model_inputs(ids, events.dense_ctx[index], content, vectors)
+        cross_users = None
+        if drop_cross_id is not None and self.user_cross is not None:
+            cross_users = ids[:, 0].masked_fill(drop_cross_id, OOV_ROW)  # column 0 is user_id
+        dense, kjt = self.model_inputs(ids, events.dense_ctx[index], content, vectors,
+                                       cross_users=cross_users)
         return dense, kjt, events.labels[index]
 
+    def _cross_rows(self, users: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Rows of the user x content cross: (user row, value row) -> its table row."""
+        return (users * self._cross_values + values) % NGRAM_BUCKETS
+
     def model_inputs(self, ids: torch.Tensor, dense_ctx: torch.Tensor,
-                     content: ContentColumns | None = None, vectors: torch.Tensor | None = None
+                     content: ContentColumns | None = None, vectors: torch.Tensor | None = None,
+                     *, cross_users: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, KeyedJaggedTensor]:
         """One batch's model inputs from its row-aligned parts: ``batch`` gathers them
         from the tables, the server builds a request's content with ``content_features``.
@@ -549,6 +578,8 @@ class FeatureEncoder:
             dense_ctx: (B, Dc) float32 standardized ``dense_*`` context.
             content: (B rows) the items' ``content_features``; given iff ``use_codes``.
             vectors: (B, D) float32 dense content; given iff ``use_dense_content``.
+            cross_users: (B,) int64 user rows the user x content cross reads (default:
+                the ids' user_id column).
 
         Returns:
             ``(dense (B, Dd), kjt)``, the KJT's keys in ``sparse_names`` order.
@@ -560,7 +591,8 @@ class FeatureEncoder:
                 columns.append(content.bags[:, start:start + k].reshape(-1))  # (B * k,)
                 start += k
             if content.cross is not None:  # column 0 is user_id
-                columns.append((ids[:, 0] * self._cross_values + content.cross) % NGRAM_BUCKETS)
+                users = ids[:, 0] if cross_users is None else cross_users
+                columns.append(self._cross_rows(users, content.cross))
         if vectors is not None and self.content_mean is not None:
             vectors = (vectors - torch.from_numpy(self.content_mean)) / torch.from_numpy(self.content_std)
         dense = torch.cat([dense_ctx] if vectors is None else [dense_ctx, vectors], dim=1)

@@ -51,13 +51,23 @@ class RankerConfig:
     # to what their rows saw, and the dense content path is fit before ID rows memorise.
     table_warmup_epochs: int = 1
     # After the warm-up, the tables' rate in epoch e is
-    # lr_sparse * lr_sparse_decay ** (e - table_warmup_epochs).
+    # lr_sparse * lr_sparse_decay ** (e - table_warmup_epochs); in [0, 1].
     lr_sparse_decay: float = 1.0
+    # Frequency-adaptive L2 on the id rows a batch looks up (user_id, item_id, cat_*, the
+    # user x content cross): each row's squared norm over its training count, so every
+    # row is pulled toward 0 about equally per epoch, however rare its id, rather than in
+    # proportion to how often it is seen. Loss += id_l2_frequency * mean over the batch of
+    # sum_f ||row_f||^2 / count_f. 0: off. Its best value grows with the events per id.
+    id_l2_frequency: float = 0.0
     # L2 on the dense (MLP) weights.
     weight_decay: float = 1e-5
     # Share of training examples whose item id is replaced by the out-of-vocabulary
     # row, so that row is trained to stand for "an item the model has not seen".
     item_id_dropout: float = 0.1
+    # Share of training examples whose user x content cross (user_code_cross) reads the
+    # out-of-vocabulary user's row for that content value, as a cold user's would: the
+    # cross rows then cannot carry a user's clicks alone.
+    cross_id_dropout: float = 0.0
     # Code prefixes as features of their own, since a residual code means something only
     # under its prefix: "per_scale" (each scale's center, center+residual, ...), "chain"
     # (every prefix of the whole residual chain: s0, s0.s1, s0.s1.m0, ...) or "none".
@@ -109,6 +119,13 @@ class RankerConfig:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"table_optimizer must be one of {list(TABLE_OPTIMIZERS)}, "
                              f"got {self.table_optimizer!r}")
+        for name in ("item_id_dropout", "cross_id_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.lr_sparse_decay <= 1:
+            raise ValueError(f"lr_sparse_decay must be in [0, 1], got {self.lr_sparse_decay}")
+        if self.id_l2_frequency < 0:
+            raise ValueError(f"id_l2_frequency must be >= 0, got {self.id_l2_frequency}")
         if self.validations_per_epoch < 1 or self.patience < 1:
             raise ValueError(f"validations_per_epoch and patience must be >= 1, got "
                              f"{self.validations_per_epoch} and {self.patience}")
@@ -169,8 +186,17 @@ class RankingModel(nn.Module):
                     if is_content_feature(name.removeprefix("t_")):
                         table.weight.zero_()
 
-    def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.net(dense_features=dense, sparse_features=kjt).squeeze(-1)
+    def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor, *, with_embeddings: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B,); with ``with_embeddings`` also the pooled embeddings (B, F, D), F
+        in table order, for a regulariser on the rows a batch looked up. DLRM's forward,
+        spelled out so the embeddings come out through DMP's wrapper."""
+        net = self.net
+        embedded = net.sparse_arch(kjt)  # (B, F, D)
+        interactions = net.inter_arch(dense_features=net.dense_arch(dense),
+                                      sparse_features=embedded)
+        logits = net.over_arch(interactions).squeeze(-1)  # (B,)
+        return (logits, embedded) if with_embeddings else logits
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.net.sparse_arch.parameters())

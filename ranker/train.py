@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm.auto import tqdm
 
 from ranker.checkpoint import (CheckpointError, ShardedTensor, copy_into, flatten_state, latest_checkpoint,
@@ -204,14 +205,66 @@ def table_learning_rate(config: RankerConfig, epoch: int) -> float:
     return config.lr_sparse * config.lr_sparse_decay ** (epoch - config.table_warmup_epochs)
 
 
+@dataclass
+class FrequencyL2:
+    """``RankerConfig.id_l2_frequency``: L2 on the id rows a batch looked up, each over
+    its id's training count, so over an epoch every row gets about the same pull toward
+    0 (a row seen n times is penalised n times at 1/n), where a plain L2 on the looked-up
+    rows would shrink frequent ids most and leave the rare, memorising ones nearly free.
+
+    Args:
+        strength: id_l2_frequency.
+        inverse_counts: feature name -> (rows,) float32 1 / training count of each row
+            (0 for rows not regularised: the out-of-vocabulary rows, rows never seen).
+        positions: feature name -> its slot in the model's (B, F, D) embeddings.
+    """
+
+    strength: float
+    inverse_counts: dict[str, torch.Tensor]
+    positions: dict[str, int]
+
+    @classmethod
+    def of(cls, features: FeatureEncoder, strength: float) -> "FrequencyL2 | None":
+        """The regulariser over ``features``' one-id features (None when strength is 0)."""
+        if strength <= 0:
+            return None
+        inverse = {}
+        for name, counts in features.id_row_counts.items():
+            counts = torch.from_numpy(np.asarray(counts, dtype=np.float32))
+            inverse[name] = torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0)
+        return cls(strength, inverse, {name: features.sparse_names.index(name) for name in inverse})
+
+    def penalty(self, kjt: KeyedJaggedTensor, embedded: torch.Tensor) -> torch.Tensor:
+        """``strength`` x mean over the batch of sum_f ||row_f||^2 / count_f.
+
+        Args:
+            kjt: the batch's features (one id per example in the regularised ones).
+            embedded: (B, F, D) pooled embeddings, F in ``sparse_names`` order.
+        """
+        total = embedded.new_zeros(())
+        for name, inverse in self.inverse_counts.items():
+            if inverse.device != embedded.device:  # once: the tables' device (GPU)
+                self.inverse_counts[name] = inverse = inverse.to(embedded.device)
+            weight = inverse[kjt[name].values()]  # (B,)
+            total = total + (weight * embedded[:, self.positions[name]].pow(2).sum(-1)).sum()
+        return self.strength * total / max(len(embedded), 1)
+
+
 def train_step(model: nn.Module, sparse_opt: torch.optim.Optimizer,
-               dense_opt: torch.optim.Optimizer, batch) -> torch.Tensor:
-    """One optimizer step on ``(dense, kjt, labels)``; returns the batch's BCE loss."""
+               dense_opt: torch.optim.Optimizer, batch, id_l2: FrequencyL2 | None = None
+               ) -> torch.Tensor:
+    """One optimizer step on ``(dense, kjt, labels)``; returns the batch's BCE loss
+    (without ``id_l2``'s penalty, which the step adds)."""
     dense, kjt, labels = batch
-    loss = F.binary_cross_entropy_with_logits(model(dense, kjt), labels)
+    if id_l2 is None:
+        logits, penalty = model(dense, kjt), 0.0
+    else:
+        logits, embedded = model(dense, kjt, with_embeddings=True)
+        penalty = id_l2.penalty(kjt, embedded)
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
     sparse_opt.zero_grad()
     dense_opt.zero_grad()
-    loss.backward()
+    (loss + penalty).backward()
     sparse_opt.step()
     dense_opt.step()
     return loss
@@ -255,6 +308,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     source = InMemoryBatches(features, train, batch_size=config.batch_size, seed=config.seed,
                              shard=shard) if isinstance(train, EncodedEvents) else train
     model, sparse_opt, dense_opt = build_model(features, config)
+    id_l2 = FrequencyL2.of(features, config.id_l2_frequency)
     result = TrainResult(model=model)
     progress = progress and shard.rank == 0
     # Everything a resumed run needs besides the tensors.
@@ -339,8 +393,9 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
                    mininterval=1.0)
         start = time.perf_counter()
         for dense, kjt, labels in source.batches(epoch, item_id_dropout=config.item_id_dropout,
+                                                 cross_id_dropout=config.cross_id_dropout,
                                                  start=state["step"]):
-            loss = train_step(model, sparse_opt, dense_opt, (dense, kjt, labels))
+            loss = train_step(model, sparse_opt, dense_opt, (dense, kjt, labels), id_l2)
             state["loss_sum"] += loss.item()
             state["loss_n"] += 1
             state["seen"] += len(labels) * shard.world_size

@@ -16,10 +16,11 @@ import torch
 
 from mmdata import DataContractError, split_events, write_split
 from quantizer import ResidualKMeansConfig, ResidualKMeansQuantizer, encode_items, save_quantizer
-from ranker import FeatureEncoder, ItemContent, RankerConfig, ServableModel
+from ranker import FeatureEncoder, ItemContent, RankerConfig, RankingModel, ServableModel
 from ranker.checkpoint import CheckpointError, load_checkpoint
 from ranker.data import InMemoryBatches, ParquetBatches, Shard
-from ranker.job import PREDICTIONS_FILE, TrainJob, run_train_job
+from ranker.job import PREDICTIONS_FILE, TrainJob, load_item_content, run_train_job
+from ranker.train import FrequencyL2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,6 +160,95 @@ def test_in_memory_batches_give_every_rank_the_same_steps(small_world):
             assert torch.equal(whole[0::2], halves[0][1][key].values())
     with pytest.raises(ValueError, match="divide evenly"):
         InMemoryBatches(features, encoded, batch_size=999, seed=0, shard=Shard(0, 2))
+
+
+@pytest.fixture(scope="module")
+def crossed_features(world_files):
+    """The ids variant's encoder (codes, n-grams, the user x coarsest-code cross) and its
+    encoded training events."""
+    train = pl.read_parquet(world_files["split"].train)
+    content = load_item_content(_job(world_files, world_files["root"] / "unused"))
+    features = FeatureEncoder.from_config(train, content, RankerConfig(), use_codes=True,
+                                          use_dense_content=False)
+    return features, features.encode(train), train
+
+
+def test_cross_id_dropout_reads_the_cold_user_row_in_training_only(crossed_features):
+    features, encoded, _ = crossed_features
+    cross = features.cross_names[0]
+    values = features.code_sizes[features.code_names.index(features.user_cross)]  # per user
+    source = InMemoryBatches(features, encoded, batch_size=1000, seed=0)
+    plain = list(source.batches(0, item_id_dropout=0.1))
+    dropped = list(source.batches(0, item_id_dropout=0.1, cross_id_dropout=0.3))
+    cold = same = 0
+    for (_, kjt, _), (_, kjt_drop, _) in zip(plain, dropped, strict=True):
+        # The item-id draws are their own: crossing dropout leaves them as they were.
+        assert torch.equal(kjt["item_id"].values(), kjt_drop["item_id"].values())
+        rows, rows_drop = kjt[cross].values(), kjt_drop[cross].values()
+        changed = rows != rows_drop
+        assert (rows >= values).all()  # every training user is in the vocabulary
+        # A dropped cross is the out-of-vocabulary user's row of the same content value.
+        assert torch.equal(rows_drop[changed], rows[changed] % values)
+        cold += int(changed.sum())
+        same += int((~changed).sum())
+    assert 0.25 < cold / (cold + same) < 0.35
+    # Evaluation batches never drop: every cross row is the user's own.
+    _, kjt, _ = features.batch(encoded, torch.arange(2000))
+    assert (kjt[cross].values() >= values).all()
+    with pytest.raises(ValueError, match="cross_id_dropout"):
+        RankerConfig(cross_id_dropout=1.0)
+
+
+def test_frequency_l2_pulls_each_row_by_one_over_its_count(crossed_features):
+    features, encoded, train = crossed_features
+    counts = features.id_row_counts
+    # Training counts per row; the shared out-of-vocabulary rows are not regularised.
+    items, n = np.unique(train["item_id"].to_numpy(), return_counts=True)
+    rows = features.vocabs["item_id"].rows(items)
+    assert counts["item_id"][rows].tolist() == n.tolist() and counts["item_id"][0] == 0
+    cross = features.cross_names[0]
+    assert counts[cross].sum() == train.height
+    id_l2 = FrequencyL2.of(features, 0.5)
+    assert FrequencyL2.of(features, 0.0) is None
+    assert set(id_l2.inverse_counts) == {"user_id", "item_id", "cat_position", "cat_device", cross}
+
+    torch.manual_seed(0)
+    model = RankingModel(features.sparse_names, features.sparse_sizes, features.dense_in_features,
+                         RankerConfig())
+    tables = model.net.sparse_arch.embedding_bag_collection.embedding_bags
+    with torch.no_grad():
+        for table in tables.values():
+            table.weight.normal_()
+    batch = 64
+    drop = torch.arange(batch) % 4 == 0  # some examples read the OOV item row
+    dense, kjt, _ = features.batch(encoded, torch.arange(batch), drop_item_id=drop)
+    logits, embedded = model(dense, kjt, with_embeddings=True)
+    assert embedded.shape == (batch, len(features.sparse_names), 16)
+    torch.testing.assert_close(logits, model(dense, kjt))
+    penalty = id_l2.penalty(kjt, embedded)
+    weight = tables["t_item_id"].weight
+    grad, content_grad = torch.autograd.grad(penalty, [weight, tables["t_content"].weight])
+    # d/d row of 0.5 * mean_b ||row||^2 / count: 2 * 0.5 * (uses in the batch) * row / (count * B)
+    item_rows = kjt["item_id"].values()
+    uses = torch.bincount(item_rows, minlength=len(weight)).float()
+    inverse = torch.from_numpy(counts["item_id"]).float()
+    inverse = torch.where(inverse > 0, 1 / inverse.clamp(min=1), 0.0)
+    expected = (uses * inverse / batch)[:, None] * weight.detach()
+    torch.testing.assert_close(grad, expected)
+    assert grad[0].abs().sum() == 0 and (item_rows == 0).any()  # the OOV row is left alone
+    assert content_grad.abs().sum() == 0  # content IDs are shared rows, not regularised
+    with pytest.raises(ValueError, match="id_l2_frequency"):
+        RankerConfig(id_l2_frequency=-1.0)
+
+
+def test_id_regularisers_train_end_to_end(tmp_path, world_files):
+    """Both options run through DMP's fused table update; the logged loss is the BCE."""
+    config = RankerConfig(epochs=2, patience=2, validations_per_epoch=1, id_l2_frequency=1.0,
+                          cross_id_dropout=0.2)
+    metrics = run_train_job(_job(world_files, tmp_path / "run", ranker=config, streaming=False),
+                            progress=False)
+    assert metrics["auc"] > 0.55
+    assert all(0.2 < h["train_loss"] < 1.0 for h in metrics["history"])
 
 
 def test_job_toml_round_trip_and_bad_keys(tmp_path, world_files):
