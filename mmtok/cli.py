@@ -211,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="max ranker epochs (default: config)")
     p.add_argument("--seeds", type=int, default=3,
                    help="ranker seeds per variant (from --seed); the report's intervals cover them")
-    p.add_argument("--quantizer", default="mmdict", choices=["mmdict", "rq-kmeans"],
-                   help="content-ID quantizer: mmdict (default, the learned one) or rq-kmeans "
-                        "(three parallel k-means scales)")
+    p.add_argument("--quantizer", default="mmdict",
+                   choices=["mmdict", "rq-kmeans", "conditional_rq"],
+                   help="content-ID quantizer: mmdict (default, the learned one), conditional_rq "
+                        "(QINCo-style conditional codebooks: better codes, slow encode) or "
+                        "rq-kmeans (three parallel k-means scales)")
     p.add_argument("--quantizer-steps", type=int, default=None,
                    help="mmdict training steps (default: config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -271,9 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-sizes", type=_int_list, default=[16, 64, 256],
                    help="codebook size per scale, coarse to fine (default 16,64,256)")
     p.add_argument("--levels", type=int, default=2, help="residual levels per scale")
-    p.add_argument("--quantizer", default="mmdict", choices=["mmdict", "rq-kmeans"],
-                   help="mmdict (learned, default) or rq-kmeans (parallel k-means scales)")
-    p.add_argument("--steps", type=int, default=None, help="mmdict training steps")
+    p.add_argument("--quantizer", default="mmdict",
+                   choices=["mmdict", "rq-kmeans", "conditional_rq"],
+                   help="mmdict (learned, default), conditional_rq (QINCo-style conditional "
+                        "codebooks) or rq-kmeans (parallel k-means scales)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="most training steps (mmdict, conditional_rq)")
     _seed_and_quiet(p)
     p.set_defaults(func=cmd_quantize)
 

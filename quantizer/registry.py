@@ -17,12 +17,14 @@ from pathlib import Path
 
 from quantizer.base import Quantizer, read_quantizer_meta, total_bits
 from quantizer.baselines import FaissPQ, FaissRQ, KMeansQuantizer, LSHQuantizer
+from quantizer.conditional import ConditionalRQConfig, ConditionalRQQuantizer
 from quantizer.mmdict import MmDictConfig, MmDictQuantizer
 from quantizer.residual_kmeans import ResidualKMeansConfig, ResidualKMeansQuantizer
 
 QUANTIZERS: dict[str, type] = {
     cls.kind: cls for cls in (MmDictQuantizer, ResidualKMeansQuantizer,
-                              FaissRQ, FaissPQ, KMeansQuantizer, LSHQuantizer)
+                              FaissRQ, FaissPQ, KMeansQuantizer, LSHQuantizer,
+                              ConditionalRQQuantizer)
 }
 
 
@@ -48,10 +50,11 @@ def save_quantizer(quantizer: Quantizer, directory: str | Path) -> Path:
 
 def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
                     scale_sizes: list[int] | None = None, levels: int | None = None
-                    ) -> MmDictQuantizer | ResidualKMeansQuantizer:
-    """An unfitted quantizer of a (scales x levels) layout: "mmdict" (the learned one) or
-    "rq-kmeans" (parallel residual k-means scales, the simple baseline; its saved kind
-    is "residual_kmeans", also accepted here). Unset arguments keep the config's
+                    ) -> MmDictQuantizer | ResidualKMeansQuantizer | ConditionalRQQuantizer:
+    """An unfitted quantizer of a (scales x levels) layout: "mmdict" (the learned one),
+    "conditional_rq" (QINCo-style codebooks adapted to the codes chosen so far: better
+    codes, far slower encode) or "rq-kmeans" (parallel residual k-means scales, the
+    simple baseline; its saved kind is "residual_kmeans", also accepted here). Unset arguments keep the config's
     defaults; ``q.config`` holds the result."""
     layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items()
               if v is not None}
@@ -60,7 +63,11 @@ def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
                                             **({"steps": steps} if steps else {})))
     if kind in ("rq-kmeans", ResidualKMeansQuantizer.kind):
         return ResidualKMeansQuantizer(ResidualKMeansConfig(seed=seed, **layout))
-    raise ValueError(f"unknown quantizer {kind!r}: choose 'mmdict' or 'rq-kmeans'")
+    if kind == ConditionalRQQuantizer.kind:
+        return ConditionalRQQuantizer(ConditionalRQConfig(seed=seed, **layout,
+                                                          **({"steps": steps} if steps else {})))
+    raise ValueError(f"unknown quantizer {kind!r}: choose 'mmdict', 'rq-kmeans' or "
+                     f"'{ConditionalRQQuantizer.kind}'")
 
 
 def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None,

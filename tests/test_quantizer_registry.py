@@ -10,9 +10,12 @@ from quantizer import (QUANTIZERS, MmDictConfig, MmDictQuantizer, Quantizer, Res
                        ResidualKMeansQuantizer, build_quantizer, build_quantizers, load_quantizer,
                        save_quantizer, total_bits)
 from quantizer.baselines import FaissPQ, FaissRQ, KMeansQuantizer, LSHQuantizer
+from quantizer.conditional import ConditionalRQConfig, ConditionalRQQuantizer
 
 # Small, fast settings per kind; non-default arguments, so a load that forgot one shows.
 SMALL = {
+    "conditional_rq": lambda: ConditionalRQQuantizer(ConditionalRQConfig(
+        scale_sizes=[4, 8], steps=10, batch_size=256, hidden=16, seed=1)),
     "mmdict": lambda: MmDictQuantizer(MmDictConfig(scale_sizes=[4, 8], steps=20, batch_size=256,
                                                    decoder_hidden=16, seed=1)),
     "residual_kmeans": lambda: ResidualKMeansQuantizer(ResidualKMeansConfig(scale_sizes=[4, 8],
@@ -99,7 +102,7 @@ def test_build_quantizer_by_command_line_name():
     rq = build_quantizer("rq-kmeans", seed=2, scale_sizes=[8])
     assert isinstance(rq, ResidualKMeansQuantizer)
     assert (rq.config.seed, rq.config.scale_sizes, rq.config.levels) == (2, [8], 2)
-    with pytest.raises(ValueError, match="choose 'mmdict' or 'rq-kmeans'"):
+    with pytest.raises(ValueError, match="choose 'mmdict', 'rq-kmeans'"):
         build_quantizer("faiss_rq", seed=0)
 
 
