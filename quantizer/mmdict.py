@@ -84,7 +84,7 @@ class MmDictConfig:
     # Before the gradient steps, the codebooks are refit jointly by least squares,
     # alternating with the beam search, for at most this many iterations (stopped on
     # the held-out rows); the ridge pulls each codeword towards its current value.
-    refine_iterations: int = 8
+    refine_iterations: int = 20
     refine_ridge: float = 1.0
     # Learning rate of the decoder, and of the encoder + codebooks (which start at PCA +
     # faiss' residual quantizer: their entries are ~1/sqrt(d)).
@@ -380,7 +380,8 @@ class MmDictQuantizer:
     # ------------------------------------------------------------------ training
 
     def _init_from_data(self, x: torch.Tensor) -> None:
-        """PCA encoder/decoder and faiss k-means codebooks on the latent residuals."""
+        """PCA-axes encoder/decoder and faiss' codebooks (residual quantizer, or k-means
+        per level for parallel scales) on the latent."""
         import faiss
 
         net, cfg = self.net, self.config
