@@ -172,7 +172,8 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
     run_bench_ranking(args.events, args.item_embeddings, args.out, config=config,
                       variants=args.variants, baselines=args.baselines,
                       scale_sizes=args.scale_sizes, levels=args.levels,
-                      quantizer_steps=args.quantizer_steps, nproc=args.nproc, seed=args.seed,
+                      quantizer=args.quantizer, quantizer_steps=args.quantizer_steps,
+                      nproc=args.nproc, seed=args.seed,
                       ranker_seeds=args.seeds, streaming=not args.in_memory,
                       progress=not args.quiet)
 
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset (default: all, baselines included)")
     p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b],
                    default=None, help="baseline quantizers for <name>_ids (default: all four)")
+    p.add_argument("--quantizer", default="mmdict",
+                   choices=["mmdict", "rq-kmeans", "conditional_rq"],
+                   help="the quantizer whose IDs the core variants use (default mmdict)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--scale-sizes", type=_int_list, default=[16, 64, 256],
                    help="codebook size of each scale (S, M, L, ...), the same for the baselines' bits")
