@@ -511,7 +511,10 @@ class MmDictQuantizer:
         n_valid = min(int(len(x_np) * cfg.validation_fraction), cfg.validation_max_rows)
         if len(x_np) - n_valid < max(cfg.scale_sizes) or n_valid < 32:
             n_valid = 0  # too few rows to spare: train on all for the most steps
-        split = torch.randperm(len(x_np), generator=generator)
+        # The held-out rows follow from the data, not the seed: the stopping rule's
+        # counts, and so the IDs, do not move with the seed where no gradient step helps.
+        by_data = torch.Generator().manual_seed(int(self.fit_info["input_sha256"][:15], 16))
+        split = torch.randperm(len(x_np), generator=by_data)
         x_valid, x_train = x_all[split[:n_valid]], x_all[split[n_valid:]]
         self.history = []
         found = self._train(x_train, x_valid if n_valid else None, cfg.steps, generator,
