@@ -10,8 +10,9 @@ the rows, fit on 80%, measured on the held-out 20% (at most 10,000) with
 (16/64/256 x 2 levels = 36 bits). Corpora: the synthetic world's 50,000 x 384 content
 embeddings (built once, cached under --out) and, where they exist, the MiniLM docstring
 and MovieLens embeddings of ``benchmarks/quantizer_corpora.py``. Prints one table per
-corpus and the issue's bar (rel_mse <= 0.9x faiss RQ's, recall@10 >= +0.02, tau >= +0.01,
-every codebook >= 95% used); writes ``metrics.json`` under --out.
+corpus and the bar a learned quantizer is held to (rel_mse <= 0.9x faiss RQ's,
+recall@10 >= +0.02, tau >= +0.01, every codebook >= 95% used); writes ``metrics.json``
+under --out.
 """
 
 from __future__ import annotations
