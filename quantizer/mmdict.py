@@ -422,24 +422,36 @@ class MmDictQuantizer:
     @torch.no_grad()
     def _refine_codebooks(self, z: torch.Tensor, z_valid: torch.Tensor | None,
                           iterations: int, chunk_rows: int = 8192) -> int:
-        """Moves every codebook of a chain to fit the chain's *final* error: alternates the
-        beam search's codes with a joint least-squares solve of all the chain's codewords
-        (``min ||z - sum_j C_j[code_j]||^2``, ridge ``refine_ridge`` towards the current
-        codewords, so a rarely hit code moves little). The residual trainer fits each level
-        to what the earlier levels left, greedily; this lets the levels share the work.
+        """Moves every codebook of a chain to fit the chain's errors jointly: alternates the
+        beam search's codes with a least-squares solve of all the chain's codewords for
+        the fit's reconstruction objective, the full code's error plus ``level_weight``
+        times the mean of the coarser prefixes' (``sum_j<=m C_j[code_j]`` for each level
+        m), with a ridge ``refine_ridge`` towards the current codewords, so a rarely hit
+        code moves little. The residual trainer fits each level to what the earlier
+        levels left, greedily; this lets the levels share the work while each prefix
+        still rebuilds the item on its own.
 
-        With ``z_valid``, stops at the first iteration that does not lower the held-out
-        error and keeps the best codebooks; returns the number of iterations kept."""
+        With ``z_valid``, stops at the first iteration that does not lower that objective
+        on the held-out rows and keeps the best codebooks; returns the iterations kept."""
         net, cfg = self.net, self.config
         chains = ([list(range(net.n_codes))] if cfg.mode == "cascade"
                   else [list(r) for r in net._scale_slices()])
+        # weight of each prefix length 1..L of a chain in the objective
+        def prefix_weights(length: int) -> list[float]:
+            coarse = cfg.level_weight / (length - 1) if length > 1 else 0.0
+            return [coarse] * (length - 1) + [1.0]
 
-        def error(x: torch.Tensor) -> float:
+        def objective(x: torch.Tensor) -> float:
             codes = net.search_codes(x)
-            return sum(float((x - sum(net.codebooks[j][codes[:, j]] for j in chain))
-                             .pow(2).sum()) for chain in chains)
+            total = 0.0
+            for chain in chains:
+                partial = torch.zeros_like(x)
+                for j, w in zip(chain, prefix_weights(len(chain))):
+                    partial = partial + net.codebooks[j][codes[:, j]]
+                    total += w * float((x - partial).pow(2).sum())
+            return total
 
-        best = (error(z_valid), 0, [b.detach().clone() for b in net.codebooks]) \
+        best = (objective(z_valid), 0, [b.detach().clone() for b in net.codebooks]) \
             if z_valid is not None else None
         for it in range(1, iterations + 1):
             gram, moment = {}, {}
@@ -451,8 +463,17 @@ class MmDictQuantizer:
                     offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()])
                     onehot = torch.zeros(len(zc), sum(sizes), dtype=torch.float64)
                     onehot.scatter_(1, codes[:, chain] + offsets, 1.0)
-                    gram[c] = gram.get(c, 0) + onehot.T @ onehot
-                    moment[c] = moment.get(c, 0) + onehot.T @ zc.double()
+                    ends = np.cumsum(sizes)
+                    for end, w in zip(ends, prefix_weights(len(chain))):
+                        if w == 0:
+                            continue
+                        prefix = onehot[:, :end]  # the codes of levels <= m
+                        g = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+                        g[:end, :end] = prefix.T @ prefix
+                        m = torch.zeros(sum(sizes), zc.shape[1], dtype=torch.float64)
+                        m[:end] = prefix.T @ zc.double()
+                        gram[c] = gram.get(c, 0) + w * g
+                        moment[c] = moment.get(c, 0) + w * m
             for c, chain in enumerate(chains):
                 current = torch.cat([net.codebooks[j] for j in chain]).double()
                 ridge = cfg.refine_ridge * torch.eye(len(current), dtype=torch.float64)
@@ -461,10 +482,10 @@ class MmDictQuantizer:
                                                                        for j in chain])):
                     net.codebooks[j].copy_(part)
             if best is not None:
-                err = error(z_valid)
-                if err >= best[0] * (1 - 1e-4):
+                score = objective(z_valid)
+                if score >= best[0] * (1 - 1e-4):
                     break
-                best = (err, it, [b.detach().clone() for b in net.codebooks])
+                best = (score, it, [b.detach().clone() for b in net.codebooks])
         if best is None:
             return iterations
         for book, kept in zip(net.codebooks, best[2]):
