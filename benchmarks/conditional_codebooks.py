@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from mmdata import SyntheticWorldConfig, generate_world, read_embeddings, write_embeddings
+from mmtok.bench_quantizer import fit_and_measure, held_out_split
 from quantizer.baselines import FaissRQ
 from quantizer.conditional import ConditionalRQConfig, ConditionalRQQuantizer
-from quantizer.metrics import quantizer_metrics
 
 SHARED_CORPORA = Path("runs/bench-quantizer/corpora")
 
@@ -44,26 +43,6 @@ def corpus_path(name: str, out: Path) -> Path | None:
                                progress=False)
         write_embeddings(world.embeddings, path)
     return path
-
-
-def held_out_split(n: int, seed: int, holdout: float = 0.2, max_holdout: int = 10_000):
-    """``run_bench_quantizer``'s split: (fit rows, held-out rows), both sorted."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_hold = min(max(int(round(n * holdout)), 20), max_holdout)
-    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
-def measure(q, x_fit: np.ndarray, x_held: np.ndarray, seed: int) -> dict:
-    t = time.perf_counter()
-    q.fit(x_fit, progress=True)
-    fit_s = time.perf_counter() - t
-    q.encode(x_held[:256])  # warm-up
-    t = time.perf_counter()
-    codes = q.encode(x_held)
-    encode_s = time.perf_counter() - t
-    metrics = quantizer_metrics(x_held, codes, q.decode(codes), q.codebook_sizes, seed=seed)
-    metrics.update(fit_s=fit_s, encode_items_per_s=len(x_held) / max(encode_s, 1e-9))
-    return metrics
 
 
 def main() -> None:
@@ -98,8 +77,9 @@ def main() -> None:
         x_fit, x_held = x[fit_rows], x[held]
         print(f"\n== {name}: {len(x)} x {x.shape[1]}, fit {len(x_fit)}, held out {len(x_held)}")
         conditional = ConditionalRQQuantizer(config)
-        rows = {"faiss_rq": measure(FaissRQ(conditional.codebook_sizes), x_fit, x_held, args.seed),
-                "conditional_rq": measure(conditional, x_fit, x_held, args.seed)}
+        rows = {name: fit_and_measure(q, x_fit, x_held, seed=args.seed, progress=True)[0]
+                for name, q in (("faiss_rq", FaissRQ(conditional.codebook_sizes)),
+                                ("conditional_rq", conditional))}
         rows["conditional_rq"]["training"] = conditional.training_summary
         results[name] = rows
         print(f"training: {conditional.training_summary}")

@@ -18,6 +18,31 @@ from mmdata import read_embeddings
 from quantizer import build_quantizers, quantizer_metrics, save_quantizer
 
 
+def held_out_split(n: int, seed: int, holdout: float = 0.2, max_holdout: int = 10_000
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The bench's seeded split of n rows: (fit rows, held-out rows), both sorted; the
+    held-out share is ``holdout`` of the rows, at least 20 and at most ``max_holdout``."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_hold = min(max(int(round(n * holdout)), 20), max_holdout)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def fit_and_measure(q, x_fit: np.ndarray, x_held: np.ndarray, *, seed: int,
+                    progress: bool) -> tuple[dict, np.ndarray]:
+    """Fits ``q`` on ``x_fit``; returns its held-out metrics (``quantizer_metrics`` plus
+    ``fit_s`` and ``encode_items_per_s``, timed after a warm-up encode) and codes."""
+    t = time.perf_counter()
+    q.fit(x_fit, progress=progress)
+    fit_s = time.perf_counter() - t
+    q.encode(x_held[:256])  # warm-up
+    t = time.perf_counter()
+    codes = q.encode(x_held)
+    encode_s = time.perf_counter() - t
+    metrics = quantizer_metrics(x_held, codes, q.decode(codes), q.codebook_sizes, seed=seed)
+    metrics.update(fit_s=fit_s, encode_items_per_s=len(x_held) / max(encode_s, 1e-9))
+    return metrics, codes
+
+
 def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
                         scale_sizes: list[int], levels: int = 2, holdout: float = 0.2,
                         max_holdout: int = 10_000, seed: int = 0, steps: int | None = None,
@@ -32,10 +57,7 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
     n = len(emb)
     if n < 50:
         raise ValueError(f"{embeddings_path}: need at least 50 rows to benchmark, got {n}")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    n_hold = min(max(int(round(n * holdout)), 20), max_holdout)
-    held, fit_rows = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    fit_rows, held = held_out_split(n, seed, holdout, max_holdout)
     x_fit, x_held = emb.vectors[fit_rows], emb.vectors[held]
     quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=steps)
     if only:
@@ -46,17 +68,8 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
               if name in ("mmtok", "kmeans", "lsh") and name in quantizers}
     results, codes_of = {}, {}
     for name, q in quantizers.items():
-        t = time.perf_counter()
-        q.fit(x_fit, progress=progress)
-        fit_s = time.perf_counter() - t
-        q.encode(x_held[:256])  # warm-up
-        t = time.perf_counter()
-        codes = q.encode(x_held)
-        encode_s = time.perf_counter() - t
-        x_hat = q.decode(codes)
-        metrics = quantizer_metrics(x_held, codes, x_hat, q.codebook_sizes, seed=seed)
-        metrics.update(fit_s=fit_s, encode_items_per_s=len(x_held) / max(encode_s, 1e-9),
-                       n_codes=len(q.codebook_sizes), codebook_sizes=list(q.codebook_sizes))
+        metrics, codes = fit_and_measure(q, x_fit, x_held, seed=seed, progress=progress)
+        metrics.update(n_codes=len(q.codebook_sizes), codebook_sizes=list(q.codebook_sizes))
         if hasattr(q, "decode_codewords"):  # what the IDs carry without the learned decoder
             metrics["codeword_sum"] = quantizer_metrics(x_held, codes, q.decode_codewords(codes),
                                                         q.codebook_sizes, seed=seed)
