@@ -463,21 +463,21 @@ class MmDictQuantizer:
                     offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()])
                     onehot = torch.zeros(len(zc), sum(sizes), dtype=torch.float64)
                     onehot.scatter_(1, codes[:, chain] + offsets, 1.0)
-                    ends = np.cumsum(sizes)
-                    for end, w in zip(ends, prefix_weights(len(chain))):
-                        if w == 0:
-                            continue
-                        prefix = onehot[:, :end]  # the codes of levels <= m
-                        g = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
-                        g[:end, :end] = prefix.T @ prefix
-                        m = torch.zeros(sum(sizes), zc.shape[1], dtype=torch.float64)
-                        m[:end] = prefix.T @ zc.double()
-                        gram[c] = gram.get(c, 0) + w * g
-                        moment[c] = moment.get(c, 0) + w * m
+                    gram[c] = gram.get(c, 0) + onehot.T @ onehot
+                    moment[c] = moment.get(c, 0) + onehot.T @ zc.double()
             for c, chain in enumerate(chains):
+                # prefix m's normal equations are the top-left block (levels <= m) of the
+                # full code's: weight each entry by the prefixes that contain its levels
+                level = torch.cat([torch.full((len(net.codebooks[j]),), i)
+                                   for i, j in enumerate(chain)])
+                reach = torch.tensor(prefix_weights(len(chain)), dtype=torch.float64) \
+                    .flip(0).cumsum(0).flip(0)  # sum of the weights of prefixes >= level
+                weight = reach[torch.maximum(level[:, None], level[None, :])]
                 current = torch.cat([net.codebooks[j] for j in chain]).double()
                 ridge = cfg.refine_ridge * torch.eye(len(current), dtype=torch.float64)
-                solved = torch.linalg.solve(gram[c] + ridge, moment[c] + cfg.refine_ridge * current)
+                solved = torch.linalg.solve(gram[c] * weight + ridge,
+                                            moment[c] * reach[level][:, None]
+                                            + cfg.refine_ridge * current)
                 for j, part in zip(chain, torch.split(solved.float(), [len(net.codebooks[j])
                                                                        for j in chain])):
                     net.codebooks[j].copy_(part)
