@@ -58,6 +58,26 @@ def _log2_exact(k: int) -> int:
     return nb
 
 
+def train_rq_codebooks(x: np.ndarray, codebook_sizes: list[int], *, beam_size: int = 5,
+                       max_rows: int = 100_000) -> list[np.ndarray] | None:
+    """Codebooks of faiss' residual quantizer trainer (beam search) on the first
+    ``max_rows`` rows of x (n, d); one (k, d) array per level, or None when a size is
+    not a power of two (faiss' requirement). The start of mmtok's learned quantizers."""
+    import faiss
+
+    nbits = [int(round(np.log2(k))) for k in codebook_sizes]
+    if any(1 << b != k for b, k in zip(nbits, codebook_sizes)):
+        return None
+    vec = faiss.UInt64Vector()
+    for b in nbits:
+        vec.push_back(b)
+    rq = faiss.ResidualQuantizer(x.shape[1], vec)
+    rq.max_beam_size = beam_size
+    rq.train(np.ascontiguousarray(x[:max_rows], dtype=np.float32))
+    flat = faiss.vector_to_array(rq.codebooks).reshape(-1, x.shape[1])
+    return [book.copy() for book in np.split(flat, np.cumsum(codebook_sizes)[:-1])]
+
+
 class _SavedBaseline:
     """``save`` / ``load`` for the baselines: ``_config()`` is what the constructor takes,
     ``_state()`` / ``_restore()`` the fitted arrays."""

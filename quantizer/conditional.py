@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from quantizer.base import (as_rows, check_codes, check_input, fit_record, read_quantizer_meta,
                             scale_code_layout, single_threaded, write_quantizer_meta)
+from quantizer.baselines import train_rq_codebooks
 
 
 @dataclass
@@ -204,23 +205,13 @@ class ConditionalRQQuantizer:
 
     def _faiss_rq_init(self, x: torch.Tensor) -> None:
         """Base codebooks from faiss' residual quantizer trainer (beam 5)."""
-        import faiss
-
-        nbits = [int(round(math.log2(k))) for k in self.codebook_sizes]
-        if any(1 << b != k for b, k in zip(nbits, self.codebook_sizes)):
+        books = train_rq_codebooks(x.numpy(), self.codebook_sizes)
+        if books is None:
             raise ValueError(f"faiss' residual quantizer needs power-of-two codebook sizes, "
                              f"got {self.codebook_sizes}")
-        vec = faiss.UInt64Vector()
-        for b in nbits:
-            vec.push_back(b)
-        rq = faiss.ResidualQuantizer(x.shape[1], vec)
-        rq.max_beam_size = 5
-        rq.train(np.ascontiguousarray(x[:100_000].numpy()))
-        flat = faiss.vector_to_array(rq.codebooks).reshape(-1, x.shape[1])
         with torch.no_grad():
-            inits = np.split(flat, np.cumsum(self.codebook_sizes)[:-1])
-            for book, init in zip(self.net.codebooks, inits):
-                book.copy_(torch.from_numpy(init.copy()))
+            for book, init in zip(self.net.codebooks, books):
+                book.copy_(torch.from_numpy(init))
 
     def fit(self, x: np.ndarray, *, progress: bool = False) -> "ConditionalRQQuantizer":
         """x: (n, d) float32, at least ``max(scale_sizes)`` rows. ``progress``: a bar."""

@@ -53,6 +53,7 @@ from kernels import build_encode_tables, multiscale_encode
 from quantizer.base import (as_rows, check_codes, check_input, fit_record, single_threaded,
                             read_quantizer_meta,
                             scale_code_layout, write_quantizer_meta)
+from quantizer.baselines import train_rq_codebooks
 from quantizer.residual_kmeans import nearest_code
 
 
@@ -397,14 +398,17 @@ class MmDictQuantizer:
             net.encoder.weight.copy_(axes)
             net.encoder.bias.copy_(-(mean @ axes.T))
             z = net.encoder(x)
-            books = self._faiss_rq_codebooks(z) if cfg.mode == "cascade" else None
+            # a cascade starts from faiss' residual quantizer trainer (beam search), which
+            # generalises better than greedy per-level k-means (power-of-two sizes only)
+            books = train_rq_codebooks(z.numpy(), self.codebook_sizes) \
+                if cfg.mode == "cascade" else None
             residual = z.clone()
             for s, levels in enumerate(net._scale_slices()):
                 if cfg.mode == "parallel":
                     residual = z.clone()
                 for j in levels:
                     if books is not None:
-                        book = books[j]
+                        book = torch.from_numpy(books[j])
                     else:
                         km = faiss.Kmeans(net.latent_dim, len(net.codebooks[j]), niter=20,
                                           seed=cfg.seed + j, min_points_per_centroid=1,
@@ -491,25 +495,6 @@ class MmDictQuantizer:
         for book, kept in zip(net.codebooks, best[2]):
             book.copy_(kept)
         return best[1]
-
-    def _faiss_rq_codebooks(self, z: torch.Tensor) -> list[torch.Tensor] | None:
-        """A cascade's codebooks from faiss' residual quantizer trainer (beam search),
-        which generalises better than greedy per-level k-means; None when a codebook
-        size is not a power of two (faiss' requirement)."""
-        import faiss
-
-        sizes = self.codebook_sizes
-        nbits = [int(round(math.log2(k))) for k in sizes]
-        if any(1 << b != k for b, k in zip(nbits, sizes)):
-            return None
-        vec = faiss.UInt64Vector()
-        for b in nbits:
-            vec.push_back(b)
-        rq = faiss.ResidualQuantizer(z.shape[1], vec)
-        rq.max_beam_size = 5
-        rq.train(np.ascontiguousarray(z[:100_000].numpy()))
-        flat = torch.from_numpy(faiss.vector_to_array(rq.codebooks).reshape(-1, z.shape[1]).copy())
-        return list(torch.split(flat, sizes))
 
     def fit(self, x: np.ndarray, *, progress: bool = False) -> "MmDictQuantizer":
         """x: (n, d) float32, at least ``max(scale_sizes)`` rows. ``progress``: a bar per step.
