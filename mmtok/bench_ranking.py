@@ -23,14 +23,19 @@ from mmdata import ORACLE_COLUMN, read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from mmtok.train_cmd import launch_train_job, log_train_run
-from quantizer import build_quantizers, encode_items, quantizer_metrics, save_quantizer
+from quantizer import (Engagement, build_quantizer, build_quantizers, encode_items,
+                       quantizer_metrics, save_quantizer)
 from ranker import RankerConfig, comparison_intervals, quantization_loss, ranking_metrics
+from quantizer.task_aware import DEFAULT_TASK_SIGNAL
 from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob
 
 # variant name -> (TrainJob variant, codes of which quantizer)
 CORE_VARIANTS = {"no_content": ("no_content", None), "dense": ("dense", None),
                  "recon": ("recon", "mmtok"), "ids": ("ids", "mmtok"),
-                 "ids_dense": ("ids_dense", "mmtok")}
+                 "ids_dense": ("ids_dense", "mmtok"),
+                 # task-aware tokens: mmtok's quantizer aligned with the training events
+                 "task_ids": ("ids", "task_mmtok")}
+
 BASELINES = ["faiss_rq", "faiss_pq", "kmeans", "lsh"]
 # The job a user retrains first: the content IDs variant (written as OUT/job.toml).
 STARTER_VARIANT = "ids"
@@ -39,8 +44,13 @@ STARTER_VARIANT = "ids"
 DEFAULT_SEEDS = (0, 1, 2)
 
 
-def bench_variants(baselines: list[str]) -> dict[str, tuple[str, str | None]]:
-    return {**CORE_VARIANTS, **{f"{b}_ids": ("ids", b) for b in baselines}}
+def bench_variants(baselines: list[str], quantizer: str = "mmdict"
+                   ) -> dict[str, tuple[str, str | None]]:
+    """Variant -> (TrainJob variant, quantizer); task-aware IDs only where mmtok's
+    quantizer is MmDict (the one that aligns with behaviour)."""
+    core = {k: v for k, v in CORE_VARIANTS.items()
+            if quantizer == "mmdict" or v[1] != "task_mmtok"}
+    return {**core, **{f"{b}_ids": ("ids", b) for b in baselines}}
 
 
 @dataclass
@@ -63,6 +73,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                       *, config: RankerConfig | None = None, variants: list[str] | None = None,
                       baselines: list[str] | None = None, scale_sizes: list[int] | None = None,
                       levels: int = 2, quantizer: str = "mmdict", quantizer_steps: int | None = None,
+                      task_signal: str | None = None,
                       nproc: int = 1, seed: int = 0, ranker_seeds=DEFAULT_SEEDS,
                       streaming: bool = True, progress: bool = True,
                       labels: ReportLabels | None = None,
@@ -70,7 +81,9 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     """Returns (and writes as ``metrics.json``) the report.
 
     ``quantizer``: the kind (``quantizer.build_quantizer``) whose IDs the core variants
-    read ("mmdict", or "rq-kmeans"). ``ranker_seeds``: train every variant once per seed
+    read ("mmdict", or "rq-kmeans"). ``task_signal``: what the task-aware tokens of
+    ``task_ids`` align with, from the training events only ("clicks" or
+    "co_engagement", see ``quantizer.task_aware``; None: its default). ``ranker_seeds``: train every variant once per seed
     and report the mean of each metric (the per-seed test AUCs under ``auc_seeds``, their
     standard deviation under ``auc_std``); the split and the quantizers keep ``seed``. One
     run of a small dataset moves AUC by a few thousandths, more than some gaps the report
@@ -88,8 +101,9 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     labels = labels or ReportLabels()
     config = config or RankerConfig(seed=seed)
     scale_sizes = scale_sizes or [16, 64, 256]
+    task_signal = task_signal or DEFAULT_TASK_SIGNAL
     baselines = BASELINES if baselines is None else baselines
-    table = bench_variants(baselines)
+    table = bench_variants(baselines, quantizer)
     variants = variants or list(table)
     unknown = [v for v in variants if v not in table]
     if unknown:
@@ -97,6 +111,10 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     # Built (not fitted) before any work, so a bad layout is refused at once.
     quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=quantizer_steps,
                                   kind=quantizer)
+    if "task_ids" in variants:
+        quantizers["task_mmtok"] = build_quantizer(
+            quantizer, seed=seed, steps=quantizer_steps, scale_sizes=scale_sizes,
+            levels=levels, task_signal=task_signal)
     started = time.perf_counter()
     timings = dict(timings or {})
     earlier_s = sum(timings.values())
@@ -115,36 +133,9 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     embeddings_file = Path(embeddings_path).resolve()
     needed = {q for v in variants if (q := table[v][1])}
     t = time.perf_counter()
-    qmetrics, codes_files, quantizer_dirs = {}, {}, {}
-    # The quantizers learn from the items with training events only: the held-out cold
-    # items are encoded out of sample, as a brand-new ad would be, and measured there.
-    trained_items = pl.scan_parquet(split.train).select(pl.col("item_id").unique()).collect()
-    seen = np.isin(emb.item_ids, trained_items["item_id"].to_numpy())
-    if seen.sum() < max(scale_sizes):
-        raise ValueError(f"only {int(seen.sum())} items have training events: a codebook of "
-                         f"{max(scale_sizes)} codes needs at least that many to fit")
-    unseen = ~seen if (~seen).sum() >= 50 else np.ones_like(seen)  # metrics need rows
-    measured_on = ("items without training events" if (~seen).sum() >= 50
-                   else "all items (fewer than 50 without training events)")
-    for name in [q for q in quantizers if q in needed]:
-        q = quantizers[name]
-        q.fit(emb.vectors[seen], progress=progress)
-        frame = encode_items(q, emb)
-        codes_files[name] = root / "codes" / f"{name}.parquet"
-        codes_files[name].parent.mkdir(exist_ok=True)
-        frame.write_parquet(codes_files[name])
-        quantizer_dirs[name] = save_quantizer(q, root / "quantizers" / name)
-        codes = frame.select(q.code_names).to_numpy()
-        qmetrics[name] = {"kind": q.kind, "code_names": q.code_names,
-                          "codebook_sizes": list(q.codebook_sizes),
-                          "fit_items": int(seen.sum()),
-                          "measured_on": measured_on,
-                          "measured_items": int(unseen.sum()),
-                          **quantizer_metrics(emb.vectors[unseen], codes[unseen],
-                                              q.decode(codes[unseen]), q.codebook_sizes,
-                                              seed=seed)}
-        log(f"{name}: {len(q.code_names)} IDs, rel_mse {qmetrics[name]['rel_mse']:.3f}, "
-            f"recall@10 {qmetrics[name]['recall_at_10']:.3f}")
+    qmetrics, codes_files, quantizer_dirs = fit_quantizers(
+        {name: q for name, q in quantizers.items() if name in needed}, emb, split.train,
+        root, seed=seed, progress=progress, log=log)
     timings["quantize_s"] = time.perf_counter() - t
 
     mlflow = start_tracking(out, labels.experiment)
@@ -155,6 +146,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
         mlflow.log_params({"events": str(events_path), "item_embeddings": str(embeddings_path),
                            "nproc": nproc, "seed": seed, "streaming": streaming,
                            "quantizer": quantizer, "encoder": labels.encoder,
+                           "task_signal": task_signal if "task_ids" in variants else "none",
                            "scale_sizes": ",".join(map(str, scale_sizes)),
                            "levels": levels,
                            "ranker_seeds": ",".join(map(str, ranker_seeds)),
@@ -230,6 +222,66 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             mlflow.log_artifact(str(path))
     log(f"done in {timings['total_s']:.0f}s: {md}")
     return report
+
+
+def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, seed: int,
+                   progress: bool, log=print) -> tuple[dict, dict, dict]:
+    """Fits each quantizer (name -> unfitted) on the items with training events only and
+    writes every item's codes to ``root/codes/<name>.parquet`` and the quantizer to
+    ``root/quantizers/<name>``; returns (metrics, codes files, quantizer dirs) by name.
+
+    The held-out cold items are encoded out of sample, as a brand-new ad would be, and
+    the metrics are measured on them. ``task_mmtok`` (task-aware tokens) also learns
+    from ``train_events``, the training period's events: nothing of the validation or
+    test periods, so a cold item's codes come from its content alone.
+    """
+    qmetrics, codes_files, quantizer_dirs = {}, {}, {}
+    trained_items = pl.scan_parquet(train_events).select(pl.col("item_id").unique()).collect()
+    seen = np.isin(emb.item_ids, trained_items["item_id"].to_numpy())
+    largest = max((max(q.codebook_sizes) for q in quantizers.values()), default=0)
+    if seen.sum() < largest:
+        raise ValueError(f"only {int(seen.sum())} items have training events: a codebook of "
+                         f"{largest} codes needs at least that many to fit")
+    unseen = ~seen if (~seen).sum() >= 50 else np.ones_like(seen)  # metrics need rows
+    measured_on = ("items without training events" if (~seen).sum() >= 50
+                   else "all items (fewer than 50 without training events)")
+    for name, q in quantizers.items():
+        fit_started = time.perf_counter()
+        if name == "task_mmtok":  # behaviour from the training period only
+            engagement = Engagement.from_events(
+                pl.read_parquet(train_events, columns=["user_id", "item_id", "label"]),
+                emb.item_ids[seen])
+            q.fit(emb.vectors[seen], progress=progress, engagement=engagement)
+        else:
+            q.fit(emb.vectors[seen], progress=progress)
+        fit_s = time.perf_counter() - fit_started
+        encode_started = time.perf_counter()
+        frame = encode_items(q, emb)
+        encode_per_s = len(emb) / max(time.perf_counter() - encode_started, 1e-9)
+        codes_files[name] = root / "codes" / f"{name}.parquet"
+        codes_files[name].parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(codes_files[name])
+        quantizer_dirs[name] = save_quantizer(q, root / "quantizers" / name)
+        codes = frame.select(q.code_names).to_numpy()
+        qmetrics[name] = {"kind": q.kind, "code_names": q.code_names,
+                          "codebook_sizes": list(q.codebook_sizes),
+                          "fit_items": int(seen.sum()),
+                          "measured_on": measured_on,
+                          "measured_items": int(unseen.sum()),
+                          "fit_s": fit_s, "encode_items_per_s": encode_per_s,
+                          **({"training": q.training_summary}
+                             if getattr(q, "training_summary", None) else {}),
+                          **quantizer_metrics(emb.vectors[unseen], codes[unseen],
+                                              q.decode(codes[unseen]), q.codebook_sizes,
+                                              seed=seed)}
+        if name == "task_mmtok" and "mmtok" in codes_files:
+            # the share of items the task moved to another code tuple than content gives
+            content_codes = pl.read_parquet(codes_files["mmtok"]).select(q.code_names).to_numpy()
+            qmetrics[name]["tuples_differ_from_content"] = float(
+                (content_codes != codes).any(1).mean())
+        log(f"{name}: {len(q.code_names)} IDs, rel_mse {qmetrics[name]['rel_mse']:.3f}, "
+            f"recall@10 {qmetrics[name]['recall_at_10']:.3f}, fit {fit_s:.0f}s")
+    return qmetrics, codes_files, quantizer_dirs
 
 
 def _oracle(test_path: Path, results: dict[str, dict]) -> dict | None:

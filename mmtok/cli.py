@@ -22,6 +22,11 @@ import warnings
 from pathlib import Path
 
 
+# quantizer.TASK_SIGNALS, named here so that `mmtok --help` imports no torch (a test
+# keeps the two the same).
+TASK_SIGNAL_CHOICES = ["clicks", "co_engagement"]
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -37,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(args.out, seed=args.seed, seeds=args.seeds, epochs=args.epochs,
              quantizer=args.quantizer, quantizer_steps=args.quantizer_steps,
-             progress=not args.quiet)
+             task_signal=args.task_signal, progress=not args.quiet)
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> None:
@@ -96,11 +101,24 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mmdata import read_embeddings
     from quantizer import build_quantizer, encode_items, quantizer_metrics, save_quantizer
+    from quantizer.task_aware import DEFAULT_TASK_SIGNAL
 
     embeddings = read_embeddings(args.embeddings)
+    if args.task_signal and not args.events:
+        raise SystemExit("mmtok quantize: --task-signal needs --events (the training period's)")
     quantizer = build_quantizer(args.quantizer, seed=args.seed, steps=args.steps,
-                                scale_sizes=args.scale_sizes, levels=args.levels)
-    quantizer.fit(embeddings.vectors, progress=not args.quiet)
+                                scale_sizes=args.scale_sizes, levels=args.levels,
+                                task_signal=(args.task_signal or DEFAULT_TASK_SIGNAL)
+                                if args.events else None)
+    if args.events:  # task-aware tokens: the encoder aligns with these events first
+        from mmdata.contracts import scan_events
+        from quantizer import Engagement
+
+        events = scan_events(args.events).select("user_id", "item_id", "label").collect()
+        engagement = Engagement.from_events(events, embeddings.item_ids)
+        quantizer.fit(embeddings.vectors, progress=not args.quiet, engagement=engagement)
+    else:
+        quantizer.fit(embeddings.vectors, progress=not args.quiet)
     out = Path(args.out)
     save_quantizer(quantizer, out / "quantizer")
     codes = encode_items(quantizer, embeddings)
@@ -173,7 +191,7 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
                       variants=args.variants, baselines=args.baselines,
                       scale_sizes=args.scale_sizes, levels=args.levels,
                       quantizer=args.quantizer, quantizer_steps=args.quantizer_steps,
-                      nproc=args.nproc, seed=args.seed,
+                      task_signal=args.task_signal, nproc=args.nproc, seed=args.seed,
                       ranker_seeds=args.seeds, streaming=not args.in_memory,
                       progress=not args.quiet)
 
@@ -219,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "rq-kmeans (three parallel k-means scales)")
     p.add_argument("--quantizer-steps", type=int, default=None,
                    help="mmdict training steps (default: config)")
+    p.add_argument("--task-signal", choices=TASK_SIGNAL_CHOICES, default=None,
+                   help="what the task-aware tokens of `task_ids` align with, from the training "
+                        "events only: clicks (a small click model, default) or co_engagement "
+                        "(items clicked by the same users pulled together)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -280,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "codebooks) or rq-kmeans (parallel k-means scales)")
     p.add_argument("--steps", type=int, default=None,
                    help="most training steps (mmdict, conditional_rq)")
+    p.add_argument("--events", type=Path, default=None,
+                   help="task-aware tokens (mmdict): the training period's events (contract; "
+                        "e.g. `mmtok split`'s train.parquet) the encoder aligns with before the "
+                        "codes are cut; items without events here get their codes from content")
+    p.add_argument("--task-signal", choices=TASK_SIGNAL_CHOICES, default=None,
+                   help="with --events: clicks (default) or co_engagement")
     _seed_and_quiet(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -349,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=2,
                    help="residual levels per scale (IDs per item = scales x levels)")
     p.add_argument("--quantizer-steps", type=int, default=None, help="mmtok training steps")
+    p.add_argument("--task-signal", choices=TASK_SIGNAL_CHOICES, default=None,
+                   help="what the task-aware tokens of `task_ids` align with, from the training "
+                        "events only: clicks (a small click model, default) or co_engagement "
+                        "(items clicked by the same users pulled together)")
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes per variant")
     p.add_argument("--in-memory", action="store_true", help="load training events in memory")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2],

@@ -1,7 +1,8 @@
 """``mmtok demo``: MovieLens-100K end to end - text -> MiniLM embedding -> content IDs ->
 TorchRec rankers -> metrics, MLflow runs, ``metrics.json`` and ``report.md``.
 
-The demo is ``mmtok bench-ranking`` on the packaged data, with the core variants only:
+The demo is ``mmtok bench-ranking`` on the packaged data, with the core variants only
+(task-aware ``task_ids`` included):
 every variant is one ``TrainJob`` and leaves its servable model; the ``ids`` variant's
 is copied to ``<out>/model`` (``mmtok serve --model``), and ``<out>/job.toml`` is that
 variant as a job to retrain (``mmtok train --config <out>/job.toml --out DIR``).
@@ -20,12 +21,13 @@ from mmtok.bench_ranking import STARTER_VARIANT, ReportLabels, run_bench_ranking
 from ranker import RankerConfig
 from ranker.job import MODEL_DIR
 
-DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense"]
+DEMO_VARIANTS = ["no_content", "dense", "recon", "ids", "ids_dense", "task_ids"]
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, seeds: int = 3, epochs: int | None = None,
              variants: list[str] | None = None, quantizer: str = "mmdict",
-             quantizer_steps: int | None = None, progress: bool = True) -> dict:
+             quantizer_steps: int | None = None, task_signal: str | None = None,
+             progress: bool = True) -> dict:
     """Runs the whole pipeline on MovieLens-100K, every variant trained with ``seeds``
     ranker seeds (from ``seed``); returns what ``metrics.json`` holds."""
     out = Path(out_dir)
@@ -53,8 +55,10 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, seeds: int = 3, epochs: int 
     config = RankerConfig(seed=seed, **({"epochs": epochs} if epochs else {}))
     metrics = run_bench_ranking(
         events_path, data / "item_embeddings.parquet", out, config=config,
-        variants=variants or DEMO_VARIANTS, baselines=[], quantizer=quantizer,
-        quantizer_steps=quantizer_steps, seed=seed, progress=progress, timings=timings,
+        variants=variants or [v for v in DEMO_VARIANTS
+                              if quantizer == "mmdict" or v != "task_ids"],
+        baselines=[], quantizer=quantizer, quantizer_steps=quantizer_steps,
+        task_signal=task_signal, seed=seed, progress=progress, timings=timings,
         ranker_seeds=list(range(seed, seed + seeds)),
         labels=ReportLabels(experiment="mmtok-demo", run_name="demo-movielens-100k",
                             title="mmtok demo - MovieLens-100K", dataset="movielens-100k",

@@ -6,6 +6,7 @@ from quantizer.metrics import quantizer_metrics
 from quantizer.mmdict import MmDictConfig, MmDictQuantizer
 from quantizer.registry import (QUANTIZERS, build_quantizer, build_quantizers, load_quantizer,
                                 save_quantizer)
+from quantizer.task_aware import TASK_SIGNALS, Engagement
 from quantizer.residual_kmeans import (
     ResidualKMeansConfig,
     ResidualKMeansQuantizer,
@@ -16,5 +17,5 @@ __all__ = [
     "Quantizer", "encode_items", "item_codes_frame", "total_bits", "quantizer_metrics",
     "MmDictConfig", "MmDictQuantizer", "ResidualKMeansConfig", "ResidualKMeansQuantizer",
     "nearest_code", "QUANTIZERS", "build_quantizer", "build_quantizers", "load_quantizer",
-    "save_quantizer",
+    "save_quantizer", "TASK_SIGNALS", "Engagement",
 ]

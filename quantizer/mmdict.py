@@ -55,6 +55,7 @@ from quantizer.base import (as_rows, check_codes, check_input, fit_record, singl
                             scale_code_layout, write_quantizer_meta)
 from quantizer.baselines import train_rq_codebooks
 from quantizer.residual_kmeans import nearest_code
+from quantizer.task_aware import TASK_SIGNALS, AlignmentConfig, Engagement, align_encoder
 
 
 @dataclass
@@ -113,6 +114,12 @@ class MmDictConfig:
     # that window are re-seeded from live residuals.
     restart_every: int = 100
     dead_code_min_hits: int = 1
+    # Task-aware tokens (``quantizer.task_aware``): None (content only), or the behaviour
+    # the encoder is aligned with before the codebooks are fitted, "co_engagement" or
+    # "clicks"; ``fit`` then needs the training period's ``engagement``.
+    task_signal: str | None = None
+    # Most alignment steps (it stops earlier on held-out items).
+    task_steps: int = 2000
     seed: int = 0
     # Beam width of the code search (1 = greedy arg-min level by level). A wider beam
     # picks code tuples with lower total error, as faiss' residual quantizer does.
@@ -127,6 +134,9 @@ class MmDictConfig:
             raise ValueError(f"mode must be 'cascade' or 'parallel', got {self.mode!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.task_signal is not None and self.task_signal not in TASK_SIGNALS:
+            raise ValueError(f"task_signal must be None or one of {list(TASK_SIGNALS)}, "
+                             f"got {self.task_signal!r}")
         if self.steps < 1 or self.validate_every < 1 or self.patience < 1:
             raise ValueError(f"steps, validate_every and patience must be >= 1, got "
                              f"{self.steps}, {self.validate_every}, {self.patience}")
@@ -373,6 +383,7 @@ class MmDictQuantizer:
         # How the last fit went (steps, best step, share of codes moved from the start).
         self.training_summary: dict | None = None
         self._tables: tuple[tuple, object] | None = None  # (weights' identity, encode tables)
+        self._aligned_axes: torch.Tensor | None = None  # the task-aware encoder, when fitting
 
     @property
     def dim(self) -> int | None:
@@ -389,11 +400,8 @@ class MmDictQuantizer:
         mean = x.mean(0)
         centered = x - mean
         # principal axes: the latent keeps the most variance the width allows
-        _, _, vt = torch.linalg.svd(centered[: min(len(x), 50_000)], full_matrices=False)
-        axes = vt[: net.latent_dim]  # (latent, d)
-        if axes.shape[0] < net.latent_dim:  # latent wider than the data's rank
-            extra = torch.randn(net.latent_dim - axes.shape[0], x.shape[1]) * 1e-3
-            axes = torch.cat([axes, extra])
+        axes = self._aligned_axes if self._aligned_axes is not None \
+            else self._principal_axes(x)  # (latent, d)
         with torch.no_grad():
             net.encoder.weight.copy_(axes)
             net.encoder.bias.copy_(-(mean @ axes.T))
@@ -417,11 +425,24 @@ class MmDictQuantizer:
                         book = torch.from_numpy(km.centroids)
                     net.codebooks[j].copy_(book)
                     residual = residual - book[nearest_code(residual, book)]
-            decoder_w = axes.T  # (d, latent)
+            decoder_w = torch.linalg.pinv(axes) if self._aligned_axes is not None \
+                else axes.T  # (d, latent)
             if cfg.mode == "parallel":
                 decoder_w = torch.cat([decoder_w / len(cfg.scale_sizes)] * len(cfg.scale_sizes), 1)
             net.decoder.weight.copy_(decoder_w)
             net.decoder.bias.copy_(mean)
+
+    def _principal_axes(self, x: torch.Tensor) -> torch.Tensor:
+        """(latent, d): the principal axes of ``x``, the content-only encoder."""
+        latent = self.net.latent_dim if self.net is not None \
+            else min(self.config.latent_dim or x.shape[1], x.shape[1])
+        centered = x - x.mean(0)
+        _, _, vt = torch.linalg.svd(centered[: min(len(x), 50_000)], full_matrices=False)
+        axes = vt[:latent]
+        if axes.shape[0] < latent:  # latent wider than the data's rank
+            extra = torch.randn(latent - axes.shape[0], x.shape[1]) * 1e-3
+            axes = torch.cat([axes, extra])
+        return axes
 
     @torch.no_grad()
     def _refine_codebooks(self, z: torch.Tensor, z_valid: torch.Tensor | None,
@@ -496,8 +517,12 @@ class MmDictQuantizer:
             book.copy_(kept)
         return best[1]
 
-    def fit(self, x: np.ndarray, *, progress: bool = False) -> "MmDictQuantizer":
+    def fit(self, x: np.ndarray, *, progress: bool = False,
+            engagement: Engagement | None = None) -> "MmDictQuantizer":
         """x: (n, d) float32, at least ``max(scale_sizes)`` rows. ``progress``: a bar per step.
+        ``engagement``: the training period's events on the rows of ``x``
+        (``Engagement.from_events``), needed when ``task_signal`` is set: the encoder is
+        aligned with it first (``quantizer.task_aware``), on the rows and events alone.
 
         The step count is found, not set: ``validation_fraction`` of the rows are held
         out, the network is scored on them every ``validate_every`` steps, and training
@@ -511,8 +536,31 @@ class MmDictQuantizer:
         if len(x_np) < max(cfg.scale_sizes):
             raise ValueError(f"a codebook of {max(cfg.scale_sizes)} codes needs at least that "
                              f"many training rows, got {len(x_np)}")
+        if (cfg.task_signal is None) != (engagement is None):
+            raise ValueError("task-aware tokens need both task_signal and the training events' "
+                             "engagement" if cfg.task_signal else
+                             "engagement given, but task_signal is None: set task_signal "
+                             f"to one of {list(TASK_SIGNALS)} to align with it")
         self.fit_info = fit_record(x_np)
         x_all = torch.from_numpy(x_np)
+        alignment = None
+        self._aligned_axes = None
+        if engagement is not None:
+            if len(engagement) and int(engagement.rows.max()) >= len(x_np):
+                raise ValueError(f"engagement names row {int(engagement.rows.max())}, but x has "
+                                 f"{len(x_np)} rows")
+            self.fit_info["engagement_sha256"] = engagement.sha256()
+            self.fit_info["engagement_events"] = len(engagement)
+            with single_threaded():  # the same encoder, and codes, on any thread count
+                torch.manual_seed(cfg.seed)
+                axes = self._principal_axes(x_all)
+                self._aligned_axes, _, alignment = align_encoder(
+                    x_all, axes, engagement,
+                    AlignmentConfig(signal=cfg.task_signal, max_steps=cfg.task_steps,
+                                    validate_every=cfg.validate_every, patience=cfg.patience,
+                                    seed=cfg.seed),
+                    data_seed=int(self.fit_info["input_sha256"][:15], 16),
+                    progress=progress)
         generator = torch.Generator().manual_seed(cfg.seed)
         n_valid = min(int(len(x_np) * cfg.validation_fraction), cfg.validation_max_rows)
         if len(x_np) - n_valid < max(cfg.scale_sizes) or n_valid < 32:
@@ -539,6 +587,9 @@ class MmDictQuantizer:
             moved = final_codes != initial_codes
             summary.update(codes_changed=float(moved.any(1).float().mean()),
                            codes_changed_per_level=moved.float().mean(0).tolist())
+        if alignment is not None:
+            summary["task_alignment"] = alignment
+        self._aligned_axes = None
         self.training_summary = summary
         return self
 

@@ -49,17 +49,23 @@ def save_quantizer(quantizer: Quantizer, directory: str | Path) -> Path:
 
 
 def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
-                    scale_sizes: list[int] | None = None, levels: int | None = None
+                    scale_sizes: list[int] | None = None, levels: int | None = None,
+                    task_signal: str | None = None
                     ) -> MmDictQuantizer | ResidualKMeansQuantizer | ConditionalRQQuantizer:
     """An unfitted quantizer of a (scales x levels) layout: "mmdict" (the learned one),
     "conditional_rq" (QINCo-style codebooks adapted to the codes chosen so far: better
     codes, far slower encode) or "rq-kmeans" (parallel residual k-means scales, the
     simple baseline; its saved kind is "residual_kmeans", also accepted here). Unset arguments keep the config's
-    defaults; ``q.config`` holds the result."""
+    defaults; ``q.config`` holds the result. ``task_signal`` ("co_engagement" or
+    "clicks", mmdict only): task-aware tokens, fitted with the training events'
+    engagement (``quantizer.task_aware``)."""
     layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items()
               if v is not None}
+    if task_signal is not None and kind != "mmdict":
+        raise ValueError(f"task-aware tokens (task_signal={task_signal!r}) are built on mmdict, "
+                         f"not {kind!r}")
     if kind == "mmdict":
-        return MmDictQuantizer(MmDictConfig(seed=seed, **layout,
+        return MmDictQuantizer(MmDictConfig(seed=seed, task_signal=task_signal, **layout,
                                             **({"steps": steps} if steps else {})))
     if kind in ("rq-kmeans", ResidualKMeansQuantizer.kind):
         return ResidualKMeansQuantizer(ResidualKMeansConfig(seed=seed, **layout))

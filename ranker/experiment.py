@@ -85,7 +85,12 @@ COMPARISONS = {
     "dense_vs_no_content": ("dense", "no_content", "all", "auc_diff"),
     "ids_dense_vs_dense": ("ids_dense", "dense", "all", "auc_diff"),
     "ids_vs_no_content_cold": ("ids", "no_content", "cold", "auc_diff"),
+    "task_ids_vs_ids": ("task_ids", "ids", "all", "auc_diff"),
+    "task_ids_vs_ids_cold": ("task_ids", "ids", "cold", "auc_diff"),
 }
+# The bench's variant of task-aware IDs (``quantizer.task_aware``), compared with the
+# content-only ``ids`` above rather than as a baseline quantizer's.
+TASK_VARIANT = "task_ids"
 # And for each baseline quantizer's IDs that ran: ids_vs_<name>_ids, mmtok's IDs against
 # the baseline's (auc_diff on all rows).
 # The variant a content_lift_lost is measured over.
@@ -116,10 +121,11 @@ def comparison_intervals(labels: np.ndarray, is_cold: np.ndarray, scores: dict[s
         only. A comparison whose rows hold one class only (e.g. no cold test rows) is
         left out.
     """
-    baselines = [name for name in scores if name.endswith("_ids")]
-    specs = COMPARISONS | {f"ids_vs_{name}": ("ids", name, "all", "auc_diff") for name in baselines}
+    other_ids = [name for name in scores if name.endswith("_ids")]
+    specs = COMPARISONS | {f"ids_vs_{name}": ("ids", name, "all", "auc_diff")
+                           for name in other_ids if name != TASK_VARIANT}
     specs |= {f"content_lift_lost_{name}": (name, "dense", "all", "content_lift_lost")
-              for name in baselines}
+              for name in other_ids}
     wanted = {k: c for k, c in specs.items() if c[0] in scores and c[1] in scores
               and (c[3] != "content_lift_lost" or CONTENT_BASE in scores)}
     if not wanted:

@@ -442,11 +442,13 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     out = tmp_path / "bench"
     assert main(["bench-ranking", "--events", str(world_files["events"]),
                  "--item-embeddings", str(world_files["item_embeddings"]), "--out", str(out),
-                 "--variants", "no_content,dense,recon,ids,faiss_rq_ids", "--baselines", "faiss_rq",
+                 "--variants", "no_content,dense,recon,ids,task_ids,faiss_rq_ids",
+                 "--baselines", "faiss_rq",
                  "--epochs", "2", "--quantizer-steps", "20", "--seeds", "0,1",
                  "--scale-sizes", "16,64", "--levels", "3", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "faiss_rq_ids"}
+    assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "task_ids",
+                                        "faiss_rq_ids"}
     for m in metrics["variants"].values():
         assert {"auc", "auc_warm", "auc_cold", "logloss", "ne", "train_examples_per_s"} <= set(m)
         assert 0.5 < m["auc"] < 1 and m["train_examples_per_s"] > 0
@@ -456,7 +458,7 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert loss["lift_lost"] == pytest.approx((dense - metrics["variants"]["ids"]["auc"]) / (dense - 0.5))
     assert set(loss) == {"lift_lost", "lift_lost_cold", "lift_lost_recon", "content_lift_lost",
                          "content_lift_lost_cold", "content_lift_lost_recon",
-                         "content_lift_lost_faiss_rq_ids"}
+                         "content_lift_lost_faiss_rq_ids", "content_lift_lost_task_ids"}
     # Paired intervals from the seeds' test predictions, each around its own point value.
     intervals = metrics["intervals"]
     assert set(intervals) == {"lift_lost", "lift_lost_cold", "lift_lost_recon",
@@ -464,14 +466,28 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
                               "content_lift_lost_recon", "dense_vs_no_content",
                               "ids_vs_no_content_cold",  # ids_dense did not run
                               "ids_vs_faiss_rq_ids",  # mmtok's IDs against the baseline's
-                              "content_lift_lost_faiss_rq_ids"}
+                              "content_lift_lost_faiss_rq_ids", "content_lift_lost_task_ids",
+                              "task_ids_vs_ids", "task_ids_vs_ids_cold"}
     assert intervals["lift_lost"]["value"] == pytest.approx(loss["lift_lost"])
     for entry in intervals.values():
         assert entry["low"] < entry["value"] < entry["high"] and 0 <= entry["p_favourable"] <= 1
     predicted = pl.read_parquet(out / "variants" / "ids" / "seed-1" / "test_predictions.parquet")
     assert predicted.height == metrics["dataset"]["split"]["test"]["rows"]
     assert predicted.columns == ["user_id", "item_id", "label", "is_cold", "prob"]
-    assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq"}
+    assert set(metrics["quantizers"]) == {"mmtok", "faiss_rq", "task_mmtok"}
+    # Task-aware tokens: aligned on the training events, at a reported cost, and served by
+    # their own bundle, which tokenizes a new ad with the task-aware encoder.
+    task = metrics["quantizers"]["task_mmtok"]
+    assert task["training"]["task_alignment"]["signal"] == "clicks"
+    assert task["fit_s"] > 0 and task["encode_items_per_s"] > 0
+    assert 0 < task["tuples_differ_from_content"] <= 1
+    from ranker.bundle import ServableModel
+    served = ServableModel.load(out / metrics["models"]["task_ids"])
+    task_codes = pl.read_parquet(out / "codes" / "task_mmtok.parquet")
+    vectors = pl.read_parquet(world_files["item_embeddings"]).sort("item_id")
+    first = np.stack(vectors["embedding"].to_list()[:8]).astype(np.float32)
+    expected = task_codes.sort("item_id").select(served.quantizer.code_names).to_numpy()[:8]
+    assert (served.tokenize(first) == expected).all()
     assert metrics["quantizer"]["codebook_sizes"] == [16, 16, 16, 64, 64, 64]
     # The quantizers never saw the held-out cold items: their codes are out of sample.
     n_items = metrics["quantizer"]["fit_items"] + metrics["quantizer"]["measured_items"]
@@ -484,9 +500,10 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert oracle["gap_closed"]["no_content"] == 0 and "The oracle" in (out / "report.md").read_text()
     # A finished run's checkpoints (for --resume only) are gone; its model stays.
     assert not list(out.glob("variants/**/checkpoints"))
-    assert len(list(out.glob("variants/*/seed-*/model/bundle.json"))) == 10
+    assert len(list(out.glob("variants/*/seed-*/model/bundle.json"))) == 12
     report = (out / "report.md").read_text()
     assert "| faiss_rq_ids |" in report and "lift_lost_recon" in report and " ± " in report
+    assert "## Task-aware tokens" in report and "| task-aware (`task_ids`) |" in report
     assert "## How sure the test set and the seeds make these" in report
     assert "95% interval over the test rows and 2 seeds" in report
     assert "Every seed's gap" in report and " / " in report  # per-seed AUCs

@@ -1,0 +1,268 @@
+"""Task-aware tokens: the quantizer's encoder aligned with behaviour before the codes are cut.
+
+Content-only codes spend their bits on whatever varies most in the content embedding;
+a ranker needs the IDs to separate what makes users click. Before MmDict fits its
+codebooks, its linear encoder (initialised to the content's principal axes) is trained
+on the training period's engagement, then the codebooks are fitted on the aligned latent
+as usual. The encoder stays one linear map, so a brand-new ad is tokenized from its
+embedding alone, through the same encode op, and an item's codes never depend on its own
+events: items without training events are not in the alignment at all.
+
+Two signals (``TASK_SIGNALS``):
+
+* ``"co_engagement"``: items clicked by the same user are pulled together by an in-batch
+  contrastive loss (InfoNCE over negative squared latent distances, learned temperature),
+  as QARM aligns with item-to-item engagement and LETTER adds collaborative alignment to
+  an RQ-VAE.
+* ``"clicks"``: a small click model, a learned vector and bias per user dotted with the
+  item's latent, trained with the click loss on every training event, as Baidu's
+  supervised visual IDs learn the quantization from clicks. With a linear encoder the
+  straight-through estimator hands the encoder the gradient at the latent the codes are
+  cut from, so the click model reads that latent; the codebooks are then fitted to it.
+
+The alignment may only move variance between directions: the latent's total variance
+is held at the content PCA's, so it cannot win by growing. How far it moves is decided
+on held-out *items* (a share of the fit rows, chosen from the data's hash): training
+stops when the held-out items' loss stops improving, and the best step is kept, so the
+alignment goes exactly as far as it generalises through the content to unseen items.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+TASK_SIGNALS = ("clicks", "co_engagement")
+# The signal task-aware tokens align with unless told (measured: benchmarks/README.md).
+DEFAULT_TASK_SIGNAL = "clicks"
+
+
+@dataclass
+class Engagement:
+    """Training-period events on the rows of a fit matrix: who saw which row, and whether
+    they clicked. Build it with ``from_events`` from the training events only."""
+
+    users: np.ndarray  # (E,) int64, dense user index
+    rows: np.ndarray  # (E,) int64, row of the fit matrix
+    labels: np.ndarray  # (E,) float32, 1 = click
+    n_users: int
+
+    @classmethod
+    def from_events(cls, events: pl.DataFrame, item_ids: np.ndarray) -> "Engagement":
+        """``events``: user_id, item_id, label (the training period's); ``item_ids``: the
+        fit matrix's item of each row. Events of items outside ``item_ids`` are dropped."""
+        missing = {"user_id", "item_id", "label"} - set(events.columns)
+        if missing:
+            raise ValueError(f"engagement events need columns user_id, item_id, label; "
+                             f"missing {sorted(missing)}")
+        rows = pl.DataFrame({"item_id": np.asarray(item_ids), "_row": np.arange(len(item_ids))})
+        kept = events.select("user_id", "item_id", "label").join(rows, on="item_id", how="inner")
+        if kept.height == 0:
+            raise ValueError("none of the engagement events names an item of the fit rows")
+        users = kept["user_id"].rank("dense").cast(pl.Int64).to_numpy() - 1
+        return cls(users=users, rows=kept["_row"].to_numpy().astype(np.int64),
+                   labels=kept["label"].to_numpy().astype(np.float32),
+                   n_users=int(users.max()) + 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.users, self.rows, self.labels):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    def co_engaged_pairs(self, seed: int) -> np.ndarray:
+        """(P, 2) rows clicked by the same user: each user's distinct clicked rows, in a
+        seeded random order, paired with the next (a cycle), so every click is in two pairs."""
+        clicked = self.labels > 0
+        frame = pl.DataFrame({"u": self.users[clicked], "r": self.rows[clicked]})
+        frame = frame.unique().sort("u", "r")  # one order whatever the events' order
+        frame = frame.with_columns(key=pl.int_range(0, pl.len(), dtype=pl.UInt64).hash(seed))
+        frame = frame.sort("u", "key")
+        users, rows = frame["u"].to_numpy(), frame["r"].to_numpy()
+        if len(rows) < 2:
+            return np.empty((0, 2), dtype=np.int64)
+        nxt = np.roll(np.arange(len(rows)), -1)
+        # the last click of each user pairs with the user's first (the cycle closes)
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        ends = np.r_[starts[1:], len(rows)] - 1
+        nxt[ends] = starts
+        keep = rows != rows[nxt]  # users with one distinct click pair with themselves
+        return np.stack([rows[keep], rows[nxt][keep]], 1).astype(np.int64)
+
+
+@dataclass
+class AlignmentConfig:
+    signal: str = "co_engagement"
+    # Most optimiser steps; the held-out items decide where it stops.
+    max_steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    # Share of the fit rows (items) held out to stop on.
+    valid_fraction: float = 0.1
+    validate_every: int = 50
+    patience: int = 4
+    # Starting temperature of the contrastive loss (learned), relative to the mean
+    # squared distance of two random items: at 1 a partner twice as close as a random
+    # item is e times likelier.
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.signal not in TASK_SIGNALS:
+            raise ValueError(f"task signal {self.signal!r}: choose from {list(TASK_SIGNALS)}")
+
+
+class _AlignedEncoder(torch.nn.Module):
+    """z = (x - mean) A^T, rescaled so that the latent's total variance stays the content
+    PCA's (the alignment can only move variance between directions)."""
+
+    def __init__(self, axes: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
+                 n_users: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(axes.clone())
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("cov", cov)
+        self.target = float(torch.einsum("ld,de,le->", axes, cov, axes))
+        latent = axes.shape[0]
+        self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+        self.users = torch.nn.Embedding(n_users, latent)
+        torch.nn.init.zeros_(self.users.weight)
+        self.user_bias = torch.nn.Embedding(n_users, 1)
+        torch.nn.init.zeros_(self.user_bias.weight)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def scaled_weight(self) -> torch.Tensor:
+        var = torch.einsum("ld,de,le->", self.weight, self.cov, self.weight)
+        return self.weight * torch.sqrt(self.target / var.clamp_min(1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.scaled_weight().T
+
+
+def _contrastive(enc: _AlignedEncoder, x: torch.Tensor, pairs: torch.Tensor,
+                 base_temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: each row's partner against the batch's other partners, over
+    negative squared distances relative to two random items' (2 x total variance)."""
+    za, zb = enc(x[pairs[:, 0]]), enc(x[pairs[:, 1]])
+    dist = torch.cdist(za, zb).pow(2) / (2 * enc.target)
+    logits = -dist / (base_temperature * enc.log_temperature.exp())
+    target = torch.arange(len(pairs))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _click_loss(enc: _AlignedEncoder, x: torch.Tensor, users: torch.Tensor, rows: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+    z = enc(x[rows]) * math.sqrt(enc.weight.shape[0] / enc.target)  # unit variance per axis
+    logit = (enc.users(users) * z).sum(1) + enc.user_bias(users)[:, 0] + enc.bias
+    return F.binary_cross_entropy_with_logits(logit, labels)
+
+
+def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
+                  config: AlignmentConfig, *, data_seed: int, progress: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Trains the linear encoder ``axes`` (latent, d) on ``engagement`` over the rows of
+    ``x`` (n, d); returns the aligned weight (latent, d), the mean it centres on, and a
+    summary (steps, best step, held-out loss before and after, pairs or events used).
+
+    ``data_seed`` picks the held-out items (the fit derives it from the input's hash)."""
+    torch.manual_seed(config.seed)
+    mean = x.mean(0)
+    centered = x - mean
+    cov = centered.T @ centered / max(len(x) - 1, 1)
+    enc = _AlignedEncoder(axes, mean, cov, engagement.n_users)
+    held = torch.zeros(len(x), dtype=torch.bool)
+    n_valid = max(int(len(x) * config.valid_fraction), 1)
+    held[torch.randperm(len(x), generator=torch.Generator().manual_seed(data_seed))[:n_valid]] = True
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.signal == "co_engagement":
+        pairs = torch.from_numpy(engagement.co_engaged_pairs(config.seed))
+        touches = held[pairs].any(1)
+        train, valid = pairs[~touches], pairs[touches]
+        # a held-out item's pair puts it first: the anchor is known from content alone
+        swap = held[valid[:, 1]] & ~held[valid[:, 0]]
+        valid = torch.where(swap[:, None], valid.flip(1), valid)
+        used = {"pairs_train": len(train), "pairs_valid": len(valid)}
+    else:
+        rows = torch.from_numpy(engagement.rows)
+        all_events = torch.stack([torch.from_numpy(engagement.users), rows], 1)
+        labels_all = torch.from_numpy(engagement.labels)
+        is_valid = held[rows]
+        train, valid = all_events[~is_valid], all_events[is_valid]
+        train_labels, valid_labels = labels_all[~is_valid], labels_all[is_valid]
+        used = {"events_train": len(train), "events_valid": len(valid)}
+    summary = {"signal": config.signal, "held_out_items": n_valid, **used,
+               "steps_run": 0, "best_step": 0}
+    if len(train) < config.batch_size // 4 or len(valid) < 32:
+        summary["skipped"] = "too little engagement to align on"
+        return axes.clone(), mean, summary
+    batch = min(config.batch_size, len(train))
+
+    def loss_on(idx: torch.Tensor, valid_set: bool) -> torch.Tensor:
+        if config.signal == "co_engagement":
+            part = (valid if valid_set else train)[idx]
+            return _contrastive(enc, x, part, config.temperature)
+        events = (valid if valid_set else train)[idx]
+        labels = (valid_labels if valid_set else train_labels)[idx]
+        return _click_loss(enc, x, events[:, 0], events[:, 1], labels)
+
+    @torch.no_grad()
+    def valid_loss() -> float:
+        # fixed batches of the held-out set, the same every time it is scored
+        n = len(valid)
+        chunks = [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+        chunks = [c for c in chunks if len(c) >= 2]
+        return float(sum(loss_on(c, True) * len(c) for c in chunks) / sum(len(c) for c in chunks))
+
+    if config.signal == "clicks":  # the user vectors first learn to read the content latent
+        params = [p for n, p in enc.named_parameters() if n != "weight"]
+        warm = torch.optim.Adam(params, lr=config.lr * 10)
+        for _ in range(max(len(train) // batch, 1)):
+            idx = torch.randint(len(train), (batch,), generator=gen)
+            warm.zero_grad()
+            loss_on(idx, False).backward()
+            warm.step()
+    opt = torch.optim.Adam(enc.parameters(), lr=config.lr)
+    best = valid_loss()
+    summary["valid_loss_init"] = best
+    best_state, since = copy.deepcopy(enc.state_dict()), 0
+    bar = tqdm(total=config.max_steps, desc=f"align encoder ({config.signal})", unit="step",
+               disable=not progress, mininterval=1.0)
+    for step in range(1, config.max_steps + 1):
+        idx = torch.randint(len(train), (batch,), generator=gen)
+        opt.zero_grad()
+        loss_on(idx, False).backward()
+        opt.step()
+        bar.update()
+        summary["steps_run"] = step
+        if step % config.validate_every == 0:
+            score = valid_loss()
+            bar.set_postfix(valid=f"{score:.4f}", best=f"{best:.4f}")
+            if score < best * (1 - 1e-4):
+                best, since = score, 0
+                best_state = copy.deepcopy(enc.state_dict())
+                summary["best_step"] = step
+            else:
+                since += 1
+                if since >= config.patience:
+                    break
+    bar.close()
+    enc.load_state_dict(best_state)
+    summary["valid_loss_best"] = best
+    with torch.no_grad():
+        weight = enc.scaled_weight().detach().clone()
+        # how far the latent's variance moved between the content's principal axes
+        share = torch.einsum("ld,de,le->l", weight, cov, weight) / enc.target
+        base = torch.einsum("ld,de,le->l", axes, cov, axes) / enc.target
+        summary["variance_moved"] = float(0.5 * (share - base).abs().sum())
+    return weight, mean, summary
