@@ -55,7 +55,8 @@ from quantizer.base import (as_rows, check_codes, check_input, fit_record, singl
                             scale_code_layout, write_quantizer_meta)
 from quantizer.baselines import train_rq_codebooks
 from quantizer.residual_kmeans import nearest_code
-from quantizer.task_aware import TASK_SIGNALS, AlignmentConfig, Engagement, align_encoder
+from quantizer.task_aware import (TASK_SIGNALS, AlignmentConfig, Engagement, align_encoder,
+                                  finetune_through_codes)
 
 
 @dataclass
@@ -545,6 +546,11 @@ class MmDictQuantizer:
         x_all = torch.from_numpy(x_np)
         alignment = None
         self._aligned_axes = None
+        data_seed = int(self.fit_info["input_sha256"][:15], 16)
+        align_config = AlignmentConfig(signal=cfg.task_signal or TASK_SIGNALS[0],
+                                       max_steps=cfg.task_steps,
+                                       validate_every=cfg.validate_every,
+                                       patience=cfg.patience, seed=cfg.seed)
         if engagement is not None:
             if len(engagement) and int(engagement.rows.max()) >= len(x_np):
                 raise ValueError(f"engagement names row {int(engagement.rows.max())}, but x has "
@@ -554,12 +560,8 @@ class MmDictQuantizer:
             with single_threaded():  # the same encoder, and codes, on any thread count
                 torch.manual_seed(cfg.seed)
                 axes = self._principal_axes(x_all)
-                self._aligned_axes, _, alignment = align_encoder(
-                    x_all, axes, engagement,
-                    AlignmentConfig(signal=cfg.task_signal, max_steps=cfg.task_steps,
-                                    validate_every=cfg.validate_every, patience=cfg.patience,
-                                    seed=cfg.seed),
-                    data_seed=int(self.fit_info["input_sha256"][:15], 16),
+                self._aligned_axes, click_model, alignment = align_encoder(
+                    x_all, axes, engagement, align_config, data_seed=data_seed,
                     progress=progress)
         generator = torch.Generator().manual_seed(cfg.seed)
         n_valid = min(int(len(x_np) * cfg.validation_fraction), cfg.validation_max_rows)
@@ -567,7 +569,7 @@ class MmDictQuantizer:
             n_valid = 0  # too few rows to spare: train on all for the most steps
         # The held-out rows follow from the data, not the seed: the stopping rule's
         # counts, and so the IDs, do not move with the seed where no gradient step helps.
-        by_data = torch.Generator().manual_seed(int(self.fit_info["input_sha256"][:15], 16))
+        by_data = torch.Generator().manual_seed(data_seed)
         split = torch.randperm(len(x_np), generator=by_data)
         x_valid, x_train = x_all[split[:n_valid]], x_all[split[n_valid:]]
         self.history = []
@@ -589,6 +591,11 @@ class MmDictQuantizer:
                            codes_changed_per_level=moved.float().mean(0).tolist())
         if alignment is not None:
             summary["task_alignment"] = alignment
+        if cfg.task_signal == "clicks":  # then end to end through the codes
+            with single_threaded():
+                summary["task_finetune"] = finetune_through_codes(
+                    self.net, x_all, engagement, align_config, click_model,
+                    data_seed=data_seed, progress=progress)
         self._aligned_axes = None
         self.training_summary = summary
         return self

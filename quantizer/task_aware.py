@@ -116,6 +116,8 @@ class AlignmentConfig:
     # squared distance of two random items: at 1 a partner twice as close as a random
     # item is e times likelier.
     temperature: float = 1.0
+    # Width of the click model's user vectors ("clicks"), as a ranker's tables are.
+    click_rank: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,24 +125,41 @@ class AlignmentConfig:
             raise ValueError(f"task signal {self.signal!r}: choose from {list(TASK_SIGNALS)}")
 
 
+class ClickModel(torch.nn.Module):
+    """The small click model task-aware tokens learn from: a user's ``rank``-wide vector
+    dotted with a shared projection of the item's latent, plus a bias per user and a
+    global one. Low rank, as a ranker's embedding tables are: a vector per user as wide
+    as the latent memorises a small log instead of reading the content."""
+
+    def __init__(self, n_users: int, latent: int, rank: int, latent_variance: float) -> None:
+        super().__init__()
+        self.users = torch.nn.Embedding(n_users, rank)
+        torch.nn.init.zeros_(self.users.weight)
+        self.user_bias = torch.nn.Embedding(n_users, 1)
+        torch.nn.init.zeros_(self.user_bias.weight)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.projection = torch.nn.Linear(latent, rank, bias=False)
+        torch.nn.init.normal_(self.projection.weight, std=1 / math.sqrt(latent))
+        self.scale = math.sqrt(latent / latent_variance)  # unit variance per latent axis
+
+    def forward(self, users: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        item = self.projection(z * self.scale)
+        return (self.users(users) * item).sum(1) + self.user_bias(users)[:, 0] + self.bias
+
+
 class _AlignedEncoder(torch.nn.Module):
     """z = (x - mean) A^T, rescaled so that the latent's total variance stays the content
     PCA's (the alignment can only move variance between directions)."""
 
     def __init__(self, axes: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
-                 n_users: int) -> None:
+                 n_users: int, click_rank: int) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(axes.clone())
         self.register_buffer("mean", mean.clone())
         self.register_buffer("cov", cov)
         self.target = float(torch.einsum("ld,de,le->", axes, cov, axes))
-        latent = axes.shape[0]
         self.log_temperature = torch.nn.Parameter(torch.zeros(()))
-        self.users = torch.nn.Embedding(n_users, latent)
-        torch.nn.init.zeros_(self.users.weight)
-        self.user_bias = torch.nn.Embedding(n_users, 1)
-        torch.nn.init.zeros_(self.user_bias.weight)
-        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.clicks = ClickModel(n_users, axes.shape[0], click_rank, self.target)
 
     def scaled_weight(self) -> torch.Tensor:
         var = torch.einsum("ld,de,le->", self.weight, self.cov, self.weight)
@@ -163,27 +182,25 @@ def _contrastive(enc: _AlignedEncoder, x: torch.Tensor, pairs: torch.Tensor,
 
 def _click_loss(enc: _AlignedEncoder, x: torch.Tensor, users: torch.Tensor, rows: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-    z = enc(x[rows]) * math.sqrt(enc.weight.shape[0] / enc.target)  # unit variance per axis
-    logit = (enc.users(users) * z).sum(1) + enc.user_bias(users)[:, 0] + enc.bias
-    return F.binary_cross_entropy_with_logits(logit, labels)
+    return F.binary_cross_entropy_with_logits(enc.clicks(users, enc(x[rows])), labels)
 
 
 def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
                   config: AlignmentConfig, *, data_seed: int, progress: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                  ) -> tuple[torch.Tensor, ClickModel, dict]:
     """Trains the linear encoder ``axes`` (latent, d) on ``engagement`` over the rows of
-    ``x`` (n, d); returns the aligned weight (latent, d), the mean it centres on, and a
-    summary (steps, best step, held-out loss before and after, pairs or events used).
+    ``x`` (n, d); returns the aligned weight (latent, d), the click model (trained with
+    "clicks"; untouched otherwise), and a summary (steps, best step, held-out loss before
+    and after, pairs or events used).
 
     ``data_seed`` picks the held-out items (the fit derives it from the input's hash)."""
     torch.manual_seed(config.seed)
     mean = x.mean(0)
     centered = x - mean
     cov = centered.T @ centered / max(len(x) - 1, 1)
-    enc = _AlignedEncoder(axes, mean, cov, engagement.n_users)
-    held = torch.zeros(len(x), dtype=torch.bool)
-    n_valid = max(int(len(x) * config.valid_fraction), 1)
-    held[torch.randperm(len(x), generator=torch.Generator().manual_seed(data_seed))[:n_valid]] = True
+    enc = _AlignedEncoder(axes, mean, cov, engagement.n_users, config.click_rank)
+    held = held_out_items(len(x), config.valid_fraction, data_seed)
+    n_valid = int(held.sum())
     gen = torch.Generator().manual_seed(config.seed)
     if config.signal == "co_engagement":
         pairs = torch.from_numpy(engagement.co_engaged_pairs(config.seed))
@@ -205,7 +222,7 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
                "steps_run": 0, "best_step": 0}
     if len(train) < config.batch_size // 4 or len(valid) < 32:
         summary["skipped"] = "too little engagement to align on"
-        return axes.clone(), mean, summary
+        return axes.clone(), enc.clicks, summary
     batch = min(config.batch_size, len(train))
 
     def loss_on(idx: torch.Tensor, valid_set: bool) -> torch.Tensor:
@@ -224,25 +241,156 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
         chunks = [c for c in chunks if len(c) >= 2]
         return float(sum(loss_on(c, True) * len(c) for c in chunks) / sum(len(c) for c in chunks))
 
-    if config.signal == "clicks":  # the user vectors first learn to read the content latent
-        params = [p for n, p in enc.named_parameters() if n != "weight"]
-        warm = torch.optim.Adam(params, lr=config.lr * 10)
-        for _ in range(max(len(train) // batch, 1)):
-            idx = torch.randint(len(train), (batch,), generator=gen)
-            warm.zero_grad()
-            loss_on(idx, False).backward()
-            warm.step()
-    opt = torch.optim.Adam(enc.parameters(), lr=config.lr)
-    best = valid_loss()
-    summary["valid_loss_init"] = best
-    best_state, since = copy.deepcopy(enc.state_dict()), 0
-    bar = tqdm(total=config.max_steps, desc=f"align encoder ({config.signal})", unit="step",
-               disable=not progress, mininterval=1.0)
-    for step in range(1, config.max_steps + 1):
+    def step_once(opt: torch.optim.Optimizer) -> None:
         idx = torch.randint(len(train), (batch,), generator=gen)
         opt.zero_grad()
         loss_on(idx, False).backward()
         opt.step()
+
+    # First the content's own latent, read as it is (the encoder still): the score the
+    # alignment must beat. Then everything, the encoder included.
+    head = [p for name, p in enc.named_parameters() if name != "weight"]
+    first = _until_stale(enc, torch.optim.Adam(head, lr=config.lr), step_once, valid_loss,
+                         config, progress=progress, desc="click model on content"
+                         if config.signal == "clicks" else "contrastive temperature")
+    second = _until_stale(enc, torch.optim.Adam(enc.parameters(), lr=config.lr), step_once,
+                          valid_loss, config, progress=progress,
+                          desc=f"align encoder ({config.signal})", best=first["best"])
+    summary.update(head_steps=first["steps_run"], steps_run=second["steps_run"],
+                   best_step=second["best_step"], valid_loss_init=first["best"],
+                   valid_loss_best=second["best"])
+    with torch.no_grad():
+        weight = enc.scaled_weight().detach().clone()
+        # how far the latent's variance moved between the content's principal axes
+        share = torch.einsum("ld,de,le->l", weight, cov, weight) / enc.target
+        base = torch.einsum("ld,de,le->l", axes, cov, axes) / enc.target
+        summary["variance_moved"] = float(0.5 * (share - base).abs().sum())
+    return weight, enc.clicks, summary
+
+
+def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once, valid_loss,
+                 config: AlignmentConfig, *, progress: bool, desc: str,
+                 best: float | None = None) -> dict:
+    """Steps ``opt`` at most ``config.max_steps`` times, scoring ``valid_loss`` every
+    ``validate_every`` steps; stops after ``patience`` scores without a better one and
+    leaves ``module`` at its best-scoring state (the start, if nothing beat ``best``, by
+    default the start's own score). Returns steps run, best step and best score."""
+    best = valid_loss() if best is None else best
+    out = {"steps_run": 0, "best_step": 0, "best": best}
+    best_state, since = copy.deepcopy(module.state_dict()), 0
+    bar = tqdm(total=config.max_steps, desc=desc, unit="step", disable=not progress,
+               mininterval=1.0)
+    for step in range(1, config.max_steps + 1):
+        step_once(opt)
+        bar.update()
+        out["steps_run"] = step
+        if step % config.validate_every == 0:
+            score = valid_loss()
+            bar.set_postfix(valid=f"{score:.4f}", best=f"{out['best']:.4f}")
+            if score < out["best"] * (1 - 1e-4):
+                out.update(best=score, best_step=step)
+                best_state, since = copy.deepcopy(module.state_dict()), 0
+            else:
+                since += 1
+                if since >= config.patience:
+                    break
+    bar.close()
+    module.load_state_dict(best_state)
+    return out
+
+
+def held_out_items(n: int, fraction: float, data_seed: int) -> torch.Tensor:
+    """(n,) bool: the items the alignment stops on, chosen from the data's hash."""
+    held = torch.zeros(n, dtype=torch.bool)
+    count = max(int(n * fraction), 1)
+    held[torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))[:count]] = True
+    return held
+
+
+def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config: AlignmentConfig,
+                           clicks: ClickModel, *, data_seed: int, progress: bool = False
+                           ) -> dict:
+    """The click loss end to end through the quantizer (``net``, a fitted
+    ``MultiScaleResidualQuantizer``): the click model (``clicks``, from the alignment)
+    reads each item's *quantized* latent (the sum of its codewords, the value the IDs carry);
+    the encoder gets the straight-through gradient, each level's codebook the gradient
+    through the soft assignment over all its codes (``net.quantize``), beside the
+    codebooks' own loss and the commitment that keep the codes a quantization of the
+    latent. After every step the encoder and codebooks are rescaled to the latent's
+    starting total variance (the click loss may move variance between directions, not
+    add it). Stops on the held-out items' click loss (their codes found by the beam
+    search, no straight-through) and keeps the best step; the decoder's linear map is
+    then refit by least squares to the moved codewords. Returns a summary."""
+    torch.manual_seed(config.seed)
+    held = held_out_items(len(x), config.valid_fraction, data_seed)
+    rows, users = torch.from_numpy(engagement.rows), torch.from_numpy(engagement.users)
+    labels = torch.from_numpy(engagement.labels)
+    is_valid = held[rows]
+    summary = {"events_train": int((~is_valid).sum()), "events_valid": int(is_valid.sum()),
+               "steps_run": 0, "best_step": 0}
+    if summary["events_train"] < config.batch_size or summary["events_valid"] < 32:
+        summary["skipped"] = "too little engagement to fine-tune on"
+        return summary
+    mean = x.mean(0)
+    centered = x - mean
+    cov = centered.T @ centered / max(len(x) - 1, 1)
+
+    def total_variance() -> torch.Tensor:
+        w = net.encoder.weight
+        return torch.einsum("ld,de,le->", w, cov, w)
+
+    with torch.no_grad():
+        target = float(total_variance())
+    latent = net.latent_dim
+
+    def quantized_latent(zq_parts: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(zq_parts, 0)
+        return stacked.sum(0) if net.config.mode == "cascade" else stacked.mean(0)
+
+    def logits(u: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        return clicks(u, zq)
+
+    train_idx, valid_idx = torch.nonzero(~is_valid)[:, 0], torch.nonzero(is_valid)[:, 0]
+    item_rows = torch.unique(rows[valid_idx])
+
+    @torch.no_grad()
+    def valid_loss() -> float:
+        net.eval()
+        lookup = torch.full((len(x),), -1, dtype=torch.long)
+        lookup[item_rows] = torch.arange(len(item_rows))
+        codes = net.search_codes(net.encoder(x[item_rows]))
+        zq = quantized_latent(net.codewords(codes))
+        v = valid_idx
+        return float(F.binary_cross_entropy_with_logits(
+            logits(users[v], zq[lookup[rows[v]]]), labels[v]))
+
+    gen = torch.Generator().manual_seed(config.seed)
+    batch = config.batch_size
+    slow = [*net.encoder.parameters(), *net.codebooks.parameters()]
+    opt = torch.optim.Adam([{"params": slow, "lr": net.config.lr_codebooks},
+                            {"params": clicks.parameters(), "lr": config.lr}])
+    best = valid_loss()
+    summary["valid_loss_init"] = best
+    best_state, since = copy.deepcopy(net.state_dict()), 0
+    bar = tqdm(total=config.max_steps, desc="fine-tune codes on clicks", unit="step",
+               disable=not progress, mininterval=1.0)
+    for step in range(1, config.max_steps + 1):
+        net.train()
+        b = train_idx[torch.randint(len(train_idx), (batch,), generator=gen)]
+        z = net.encoder(x[rows[b]])
+        _, parts, aux = net.quantize(z, training=True)
+        zq = quantized_latent(net.latent(parts, z=z))
+        loss = F.binary_cross_entropy_with_logits(logits(users[b], zq), labels[b]) \
+            + (aux["codebook"] + aux["commit"]) * latent / target
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # back to the starting total variance
+            s = math.sqrt(target / float(total_variance()))
+            net.encoder.weight.mul_(s)
+            net.encoder.bias.mul_(s)
+            for book in net.codebooks:
+                book.mul_(s)
         bar.update()
         summary["steps_run"] = step
         if step % config.validate_every == 0:
@@ -250,19 +398,32 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
             bar.set_postfix(valid=f"{score:.4f}", best=f"{best:.4f}")
             if score < best * (1 - 1e-4):
                 best, since = score, 0
-                best_state = copy.deepcopy(enc.state_dict())
+                best_state = copy.deepcopy(net.state_dict())
                 summary["best_step"] = step
             else:
                 since += 1
                 if since >= config.patience:
                     break
     bar.close()
-    enc.load_state_dict(best_state)
+    net.load_state_dict(best_state)
+    net.eval()
     summary["valid_loss_best"] = best
-    with torch.no_grad():
-        weight = enc.scaled_weight().detach().clone()
-        # how far the latent's variance moved between the content's principal axes
-        share = torch.einsum("ld,de,le->l", weight, cov, weight) / enc.target
-        base = torch.einsum("ld,de,le->l", axes, cov, axes) / enc.target
-        summary["variance_moved"] = float(0.5 * (share - base).abs().sum())
-    return weight, mean, summary
+    if summary["best_step"]:
+        _refit_decoder(net, x)
+    return summary
+
+
+@torch.no_grad()
+def _refit_decoder(net, x: torch.Tensor) -> None:
+    """The decoder's linear map refit by least squares to the (moved) codewords' sums; its
+    residual MLP, trained on the old codewords, is switched off."""
+    codes = net.search_codes(net.encoder(x))
+    parts = net.codewords(codes)
+    zq = torch.cat(parts, 1) if net.config.mode == "parallel" else torch.stack(parts, 0).sum(0)
+    design = torch.cat([zq, torch.ones(len(zq), 1)], 1).double()
+    solution = torch.linalg.lstsq(design, x.double()).solution.float()  # (latent + 1, d)
+    net.decoder.weight.copy_(solution[:-1].T)
+    net.decoder.bias.copy_(solution[-1])
+    if net.refine is not None:
+        net.refine[2].weight.zero_()
+        net.refine[2].bias.zero_()

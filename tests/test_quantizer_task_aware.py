@@ -38,7 +38,8 @@ def _purity(codes: np.ndarray, cls: np.ndarray) -> float:
 
 
 def _config(**kw) -> MmDictConfig:
-    return MmDictConfig(scale_sizes=[4, 16], levels=1, steps=20, decoder_hidden=0, **kw)
+    return MmDictConfig(scale_sizes=[4, 16], levels=1, steps=20, decoder_hidden=0,
+                        task_steps=300, **kw)
 
 
 def test_engagement_keeps_the_fit_rows_events_and_pairs_one_users_clicks():
@@ -64,8 +65,11 @@ def test_alignment_spends_the_codes_on_what_users_click(signal):
     align = task.training_summary["task_alignment"]
     assert align["signal"] == signal and align["best_step"] > 0
     assert align["valid_loss_best"] < align["valid_loss_init"]
+    if signal == "clicks":  # then the click loss end to end through the codes
+        tuned = task.training_summary["task_finetune"]
+        assert tuned["best_step"] > 0 and tuned["valid_loss_best"] < tuned["valid_loss_init"]
     # the codes follow the class users click by, not the loudest content axes
-    assert _purity(task.encode(x), cls) > _purity(content.encode(x), cls) + 0.2
+    assert _purity(task.encode(x), cls) > _purity(content.encode(x), cls) + 0.1
     # the fit records what it learned from, and the encoder alone tokenizes
     assert task.fit_info["engagement_sha256"] == eng.sha256()
     assert (task.encode(x[:5]) == task.encode(x)[:5]).all()
@@ -95,7 +99,7 @@ def test_a_cold_item_gets_the_same_codes_whatever_its_later_events(tmp_path):
     from mmdata.contracts import ItemEmbeddings
     from mmtok.bench_ranking import fit_quantizers
 
-    x, _, events = _taste_world(seed=1)
+    x, _, events = _taste_world(n_items=800, n_events=15_000, seed=1)
     emb = ItemEmbeddings(item_ids=np.arange(len(x), dtype=np.int64), vectors=x)
     events_path = tmp_path / "events.parquet"
     events.write_parquet(events_path)
@@ -103,7 +107,7 @@ def test_a_cold_item_gets_the_same_codes_whatever_its_later_events(tmp_path):
     train = pl.read_parquet(split.train)
     later = pl.concat([pl.read_parquet(split.valid), pl.read_parquet(split.test)])
     cold = np.setdiff1d(later["item_id"].unique().to_numpy(), train["item_id"].to_numpy())
-    assert len(cold) > 20  # the protocol's held-out items, with later events
+    assert len(cold) > 10  # the protocol's held-out items, with later events
 
     def fit(valid_test_dir):
         q = MmDictQuantizer(_config(task_signal=DEFAULT_TASK_SIGNAL))
