@@ -58,7 +58,8 @@ def cmd_data_synthetic(args: argparse.Namespace) -> None:
     appeal = {name: value for name, value in (("content_appeal_std", args.content_appeal),
                                               ("topic_appeal_std", args.topic_appeal),
                                               ("taste_scale", args.taste_scale),
-                                              ("item_effect_std", args.item_effect))
+                                              ("item_effect_std", args.item_effect),
+                                              ("style_weight", args.style))
               if value is not None}
     config = SyntheticWorldConfig(n_items=args.items, n_users=args.users, n_events=args.events,
                                   dim=args.dim, seed=args.seed, **appeal)
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic-appeal", type=float,
                    help="std of the appeal each sub-topic has, a category's click rate "
                         "(default: SyntheticWorldConfig's)")
+    p.add_argument("--style", type=float,
+                   help="weight of the click-irrelevant style in the content embedding "
+                        "(default: SyntheticWorldConfig's; raise it for content whose loudest "
+                        "variation is not what users click on)")
     _seed_and_quiet(p)
     p.set_defaults(func=cmd_data_synthetic)
 

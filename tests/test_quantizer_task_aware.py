@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from mmdata import write_split
 from quantizer import TASK_SIGNALS, Engagement, MmDictConfig, MmDictQuantizer
@@ -73,6 +74,11 @@ def test_alignment_spends_the_codes_on_what_users_click(signal):
     # the fit records what it learned from, and the encoder alone tokenizes
     assert task.fit_info["engagement_sha256"] == eng.sha256()
     assert (task.encode(x[:5]) == task.encode(x)[:5]).all()
+    # greedy encoding of the aligned encoder runs through the fused encode op
+    task.config.beam_size = task.net.config.beam_size = 1
+    with torch.no_grad():
+        greedy = task.net.search_codes(task.net.encoder(torch.from_numpy(x))).numpy()
+    assert (task.encode(x) == greedy).all()
 
 
 def test_task_signal_and_engagement_go_together():
