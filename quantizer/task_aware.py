@@ -171,18 +171,20 @@ class _AlignedEncoder(torch.nn.Module):
 
 def _contrastive(enc: _AlignedEncoder, x: torch.Tensor, pairs: torch.Tensor,
                  base_temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE: each row's partner against the batch's other partners, over
-    negative squared distances relative to two random items' (2 x total variance)."""
+    """Symmetric InfoNCE per pair: each row's partner against the batch's other partners,
+    over negative squared distances relative to two random items' (2 x total variance)."""
     za, zb = enc(x[pairs[:, 0]]), enc(x[pairs[:, 1]])
     dist = torch.cdist(za, zb).pow(2) / (2 * enc.target)
     logits = -dist / (base_temperature * enc.log_temperature.exp())
     target = torch.arange(len(pairs))
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                  + F.cross_entropy(logits.T, target, reduction="none"))
 
 
 def _click_loss(enc: _AlignedEncoder, x: torch.Tensor, users: torch.Tensor, rows: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(enc.clicks(users, enc(x[rows])), labels)
+    return F.binary_cross_entropy_with_logits(enc.clicks(users, enc(x[rows])), labels,
+                                              reduction="none")
 
 
 def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
@@ -234,31 +236,31 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
         return _click_loss(enc, x, events[:, 0], events[:, 1], labels)
 
     @torch.no_grad()
-    def valid_loss() -> float:
+    def valid_losses() -> torch.Tensor:
         # fixed batches of the held-out set, the same every time it is scored
         n = len(valid)
         chunks = [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
-        chunks = [c for c in chunks if len(c) >= 2]
-        return float(sum(loss_on(c, True) * len(c) for c in chunks) / sum(len(c) for c in chunks))
+        return torch.cat([loss_on(c, True) for c in chunks if len(c) >= 2])
 
     def step_once(opt: torch.optim.Optimizer) -> None:
         idx = torch.randint(len(train), (batch,), generator=gen)
         opt.zero_grad()
-        loss_on(idx, False).backward()
+        loss_on(idx, False).mean().backward()
         opt.step()
 
     # First the content's own latent, read as it is (the encoder still): the score the
     # alignment must beat. Then everything, the encoder included.
     head = [p for name, p in enc.named_parameters() if name != "weight"]
-    first = _until_stale(enc, torch.optim.Adam(head, lr=config.lr), step_once, valid_loss,
+    first = _until_stale(enc, torch.optim.Adam(head, lr=config.lr), step_once, valid_losses,
                          config, progress=progress, desc="click model on content"
                          if config.signal == "clicks" else "contrastive temperature")
     second = _until_stale(enc, torch.optim.Adam(enc.parameters(), lr=config.lr), step_once,
-                          valid_loss, config, progress=progress,
-                          desc=f"align encoder ({config.signal})", best=first["best"])
+                          valid_losses, config, progress=progress,
+                          desc=f"align encoder ({config.signal})", best=first["losses"])
     summary.update(head_steps=first["steps_run"], steps_run=second["steps_run"],
                    best_step=second["best_step"], valid_loss_init=first["best"],
                    valid_loss_best=second["best"])
+
     with torch.no_grad():
         weight = enc.scaled_weight().detach().clone()
         # how far the latent's variance moved between the content's principal axes
@@ -268,15 +270,18 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
     return weight, enc.clicks, summary
 
 
-def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once, valid_loss,
+def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once, valid_losses,
                  config: AlignmentConfig, *, progress: bool, desc: str,
-                 best: float | None = None) -> dict:
-    """Steps ``opt`` at most ``config.max_steps`` times, scoring ``valid_loss`` every
-    ``validate_every`` steps; stops after ``patience`` scores without a better one and
-    leaves ``module`` at its best-scoring state (the start, if nothing beat ``best``, by
-    default the start's own score). Returns steps run, best step and best score."""
-    best = valid_loss() if best is None else best
-    out = {"steps_run": 0, "best_step": 0, "best": best}
+                 best: torch.Tensor | None = None) -> dict:
+    """Steps ``opt`` at most ``config.max_steps`` times, scoring the held-out examples'
+    losses (``valid_losses()``, the same examples in the same order each time) every
+    ``validate_every`` steps. A score counts as better only when it beats the best so far
+    beyond noise: the paired mean improvement over the examples exceeds two standard
+    errors. Stops after ``patience`` scores without one and leaves ``module`` at its best
+    state (the start, if nothing beat ``best``, by default the start's own losses).
+    Returns steps run, best step, the best mean loss and its per-example losses."""
+    best_losses = valid_losses() if best is None else best
+    out = {"steps_run": 0, "best_step": 0}
     best_state, since = copy.deepcopy(module.state_dict()), 0
     bar = tqdm(total=config.max_steps, desc=desc, unit="step", disable=not progress,
                mininterval=1.0)
@@ -285,10 +290,12 @@ def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once,
         bar.update()
         out["steps_run"] = step
         if step % config.validate_every == 0:
-            score = valid_loss()
-            bar.set_postfix(valid=f"{score:.4f}", best=f"{out['best']:.4f}")
-            if score < out["best"] * (1 - 1e-4):
-                out.update(best=score, best_step=step)
+            losses = valid_losses()
+            gain = best_losses - losses
+            bar.set_postfix(valid=f"{float(losses.mean()):.4f}",
+                            best=f"{float(best_losses.mean()):.4f}")
+            if float(gain.mean()) > 2 * float(gain.std()) / math.sqrt(len(gain)):
+                best_losses, out["best_step"] = losses, step
                 best_state, since = copy.deepcopy(module.state_dict()), 0
             else:
                 since += 1
@@ -296,6 +303,7 @@ def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once,
                     break
     bar.close()
     module.load_state_dict(best_state)
+    out.update(best=float(best_losses.mean()), losses=best_losses)
     return out
 
 
@@ -354,27 +362,20 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
     item_rows = torch.unique(rows[valid_idx])
 
     @torch.no_grad()
-    def valid_loss() -> float:
+    def valid_losses() -> torch.Tensor:
         net.eval()
         lookup = torch.full((len(x),), -1, dtype=torch.long)
         lookup[item_rows] = torch.arange(len(item_rows))
         codes = net.search_codes(net.encoder(x[item_rows]))
         zq = quantized_latent(net.codewords(codes))
         v = valid_idx
-        return float(F.binary_cross_entropy_with_logits(
-            logits(users[v], zq[lookup[rows[v]]]), labels[v]))
+        return F.binary_cross_entropy_with_logits(
+            logits(users[v], zq[lookup[rows[v]]]), labels[v], reduction="none")
 
     gen = torch.Generator().manual_seed(config.seed)
     batch = config.batch_size
-    slow = [*net.encoder.parameters(), *net.codebooks.parameters()]
-    opt = torch.optim.Adam([{"params": slow, "lr": net.config.lr_codebooks},
-                            {"params": clicks.parameters(), "lr": config.lr}])
-    best = valid_loss()
-    summary["valid_loss_init"] = best
-    best_state, since = copy.deepcopy(net.state_dict()), 0
-    bar = tqdm(total=config.max_steps, desc="fine-tune codes on clicks", unit="step",
-               disable=not progress, mininterval=1.0)
-    for step in range(1, config.max_steps + 1):
+
+    def step_once(opt: torch.optim.Optimizer) -> None:
         net.train()
         b = train_idx[torch.randint(len(train_idx), (batch,), generator=gen)]
         z = net.encoder(x[rows[b]])
@@ -391,23 +392,17 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
             net.encoder.bias.mul_(s)
             for book in net.codebooks:
                 book.mul_(s)
-        bar.update()
-        summary["steps_run"] = step
-        if step % config.validate_every == 0:
-            score = valid_loss()
-            bar.set_postfix(valid=f"{score:.4f}", best=f"{best:.4f}")
-            if score < best * (1 - 1e-4):
-                best, since = score, 0
-                best_state = copy.deepcopy(net.state_dict())
-                summary["best_step"] = step
-            else:
-                since += 1
-                if since >= config.patience:
-                    break
-    bar.close()
-    net.load_state_dict(best_state)
+
+    slow = [*net.encoder.parameters(), *net.codebooks.parameters()]
+    opt = torch.optim.Adam([{"params": slow, "lr": net.config.lr_codebooks},
+                            {"params": clicks.parameters(), "lr": config.lr}])
+    start = valid_losses()
+    found = _until_stale(torch.nn.ModuleList([net, clicks]), opt, step_once, valid_losses,
+                         config, progress=progress, desc="fine-tune codes on clicks",
+                         best=start)
     net.eval()
-    summary["valid_loss_best"] = best
+    summary.update(steps_run=found["steps_run"], best_step=found["best_step"],
+                   valid_loss_init=float(start.mean()), valid_loss_best=found["best"])
     if summary["best_step"]:
         _refit_decoder(net, x)
     return summary
