@@ -320,7 +320,9 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
                            ) -> dict:
     """The click loss end to end through the quantizer (``net``, a fitted
     ``MultiScaleResidualQuantizer``): the click model (``clicks``, from the alignment)
-    reads each item's *quantized* latent (the sum of its codewords, the value the IDs carry);
+    reads each item's *quantized* latent (the sum of its codewords, the value the IDs
+    carry), of the full code and of every coarser prefix (weighted as MmDict weighs its
+    reconstructions, ``level_weight``);
     the encoder gets the straight-through gradient, each level's codebook the gradient
     through the soft assignment over all its codes (``net.quantize``), beside the
     codebooks' own loss and the commitment that keep the codes a quantization of the
@@ -358,6 +360,14 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
     def logits(u: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         return clicks(u, zq)
 
+    def prefix_weighted(losses: list[torch.Tensor]) -> torch.Tensor:
+        # the full code's loss plus level_weight x the coarser prefixes' mean, as MmDict
+        # weighs its reconstructions: a coarse prefix, shared by many items, should
+        # predict clicks on its own (the ranker generalises to new ads through it)
+        if len(losses) == 1:
+            return losses[0]
+        return losses[-1] + net.config.level_weight * torch.stack(losses[:-1]).mean(0)
+
     train_idx, valid_idx = torch.nonzero(~is_valid)[:, 0], torch.nonzero(is_valid)[:, 0]
     item_rows = torch.unique(rows[valid_idx])
 
@@ -367,10 +377,11 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
         lookup = torch.full((len(x),), -1, dtype=torch.long)
         lookup[item_rows] = torch.arange(len(item_rows))
         codes = net.search_codes(net.encoder(x[item_rows]))
-        zq = quantized_latent(net.codewords(codes))
+        hard = [book[codes[:, j]] for j, book in enumerate(net.codebooks)]
         v = valid_idx
-        return F.binary_cross_entropy_with_logits(
-            logits(users[v], zq[lookup[rows[v]]]), labels[v], reduction="none")
+        return prefix_weighted([F.binary_cross_entropy_with_logits(
+            logits(users[v], quantized_latent(net.latent(hard, cols))[lookup[rows[v]]]),
+            labels[v], reduction="none") for cols in net.prefixes()])
 
     gen = torch.Generator().manual_seed(config.seed)
     batch = config.batch_size
@@ -380,9 +391,10 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
         b = train_idx[torch.randint(len(train_idx), (batch,), generator=gen)]
         z = net.encoder(x[rows[b]])
         _, parts, aux = net.quantize(z, training=True)
-        zq = quantized_latent(net.latent(parts, z=z))
-        loss = F.binary_cross_entropy_with_logits(logits(users[b], zq), labels[b]) \
-            + (aux["codebook"] + aux["commit"]) * latent / target
+        clicks_loss = prefix_weighted([F.binary_cross_entropy_with_logits(
+            logits(users[b], quantized_latent(net.latent(parts, cols, z=z))), labels[b])
+            for cols in net.prefixes()])
+        loss = clicks_loss + (aux["codebook"] + aux["commit"]) * latent / target
         opt.zero_grad()
         loss.backward()
         opt.step()
