@@ -405,16 +405,21 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
             for book in net.codebooks:
                 book.mul_(s)
 
+    # First the click model alone on the codes as they are (every prefix): the score
+    # moving the codes must beat. Then the codes, encoder and codebooks, as well.
+    both = torch.nn.ModuleList([net, clicks])
+    first = _until_stale(both, torch.optim.Adam(clicks.parameters(), lr=config.lr), step_once,
+                         valid_losses, config, progress=progress,
+                         desc="click model on the codes")
     slow = [*net.encoder.parameters(), *net.codebooks.parameters()]
     opt = torch.optim.Adam([{"params": slow, "lr": net.config.lr_codebooks},
                             {"params": clicks.parameters(), "lr": config.lr}])
-    start = valid_losses()
-    found = _until_stale(torch.nn.ModuleList([net, clicks]), opt, step_once, valid_losses,
-                         config, progress=progress, desc="fine-tune codes on clicks",
-                         best=start)
+    found = _until_stale(both, opt, step_once, valid_losses, config, progress=progress,
+                         desc="fine-tune codes on clicks", best=first["losses"])
     net.eval()
-    summary.update(steps_run=found["steps_run"], best_step=found["best_step"],
-                   valid_loss_init=float(start.mean()), valid_loss_best=found["best"])
+    summary.update(head_steps=first["steps_run"], steps_run=found["steps_run"],
+                   best_step=found["best_step"], valid_loss_init=first["best"],
+                   valid_loss_best=found["best"])
     if summary["best_step"]:
         _refit_decoder(net, x)
     return summary

@@ -14,12 +14,16 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "2", "--seeds", "2", "--quantizer",
                  "mmdict", "--quantizer-steps", "60", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "ids_dense"}
+    assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "ids_dense",
+                                        "task_ids"}
     for m in metrics["variants"].values():
         assert 0.6 < m["auc"] < 0.8 and m["rows_cold"] > 500
     assert set(metrics["quantization_loss"]) == {
         "lift_lost", "lift_lost_cold", "lift_lost_recon", "content_lift_lost",
-        "content_lift_lost_cold", "content_lift_lost_recon"}
+        "content_lift_lost_cold", "content_lift_lost_recon", "content_lift_lost_task_ids"}
+    # task-aware tokens: fitted with the training events, compared with content-only IDs
+    assert {"task_ids_vs_ids", "task_ids_vs_ids_cold"} <= set(metrics["intervals"])
+    assert metrics["quantizers"]["task_mmtok"]["training"]["task_alignment"]["signal"] == "clicks"
     assert all(len(m["auc_seeds"]) == 2 for m in metrics["variants"].values())
     recon = metrics["intervals"]["lift_lost_recon"]
     assert recon["value"] == pytest.approx(metrics["quantization_loss"]["lift_lost_recon"])
@@ -36,7 +40,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mmtok-demo"])
-    assert len(runs) == 1 + 5 * 2  # the parent, and a run per variant and seed
+    assert len(runs) == 1 + 6 * 2  # the parent, and a run per variant and seed
     parent = runs[runs["run_id"] == metrics["mlflow_run_id"]].iloc[0]
     assert parent["metrics.lift_lost"] == pytest.approx(metrics["quantization_loss"]["lift_lost"])
     # Every variant left a servable model; the ids one is also at out/model, and is its
