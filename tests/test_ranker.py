@@ -252,10 +252,14 @@ def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
     scores = {"dense": dense, "recon": dense.copy(),  # no loss at all
               "ids": dense + rng.normal(size=n) * 1.5,  # clearly worse
               "ids_dense": y + rng.normal(size=n),  # as good as dense: a tie
-              "no_content": rng.normal(size=n)}
+              "no_content": rng.normal(size=n),
+              "task_ids": dense.copy()}  # task-aware IDs: clearly better than ids
     out = comparison_intervals(y, cold, scores | {"lsh_ids": scores["no_content"]}, n_boot=300)
-    assert set(out) == set(COMPARISONS) | {"ids_vs_lsh_ids", "content_lift_lost_lsh_ids"}
+    # task_ids is compared with ids (not as a baseline: no ids_vs_task_ids)
+    assert set(out) == set(COMPARISONS) | {"ids_vs_lsh_ids", "content_lift_lost_lsh_ids",
+                                           "content_lift_lost_task_ids"}
     assert out["ids_vs_lsh_ids"]["reference"] == "lsh_ids" and out["ids_vs_lsh_ids"]["low"] > 0
+    assert out["task_ids_vs_ids"]["low"] > 0 and out["task_ids_vs_ids_cold"]["rows"] == "cold"
     recon = out["lift_lost_recon"]
     assert recon["value"] == recon["low"] == recon["high"] == 0 and recon["p_under_bar"] == 1
     ids = out["lift_lost"]
@@ -267,7 +271,8 @@ def test_comparison_intervals_say_which_gaps_the_test_set_resolves():
     # No cold test rows: the cold comparisons are left out, not NaN.
     assert set(comparison_intervals(y, np.zeros(n, bool), scores, n_boot=10)) == \
         {"lift_lost", "lift_lost_recon", "ids_dense_vs_dense", "content_lift_lost",
-         "content_lift_lost_recon", "dense_vs_no_content"}
+         "content_lift_lost_recon", "dense_vs_no_content", "task_ids_vs_ids",
+         "content_lift_lost_task_ids"}
     # content_lift_lost: the share of what content adds over no_content that ids loses.
     entry = out["content_lift_lost"]
     assert entry["value"] == pytest.approx(
