@@ -50,7 +50,11 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     assert sorted(metrics["models"]) == sorted(metrics["variants"])
     for name, directory in metrics["models"].items():
-        assert ServableModel.load(out / directory).model_version.startswith(f"{name}-")
+        # task_ids is an ids model whose bundle carries the task-aware tokenizer
+        served = ServableModel.load(out / directory)
+        assert served.model_version.startswith("ids-" if name == "task_ids" else f"{name}-")
+        if name == "task_ids":
+            assert served.quantizer.config.task_signal == "clicks"
     served = ServableModel.load(out / "model")
     assert served.model_version.startswith("ids-") and served.quantizer.kind == "mmdict"
     slot = ModelSlot(f"runs:/{metrics['variants']['ids']['mlflow_run_id']}/model")
