@@ -243,7 +243,13 @@ def _summary(metrics: dict) -> list[str]:
         out.append(f"- Cold items: `ids` {v['ids']['auc_cold']:.4f} vs `no_content` "
                    f"{v['no_content']['auc_cold']:.4f} AUC"
                    f"{_in_brackets(_sureness('ids_vs_no_content_cold', metrics))}.")
-    if "task_ids" in v and "ids" in v:
+    moved = ((metrics.get("quantizers") or {}).get("task_mmtok") or {}).get(
+        "tuples_differ_from_content")
+    if "task_ids" in v and "ids" in v and moved == 0:
+        out.append("- Task-aware tokens (`task_ids`): nothing the training events taught "
+                   "generalised to held-out items, so the tokenizer kept the content-only IDs "
+                   "(`task_ids` is `ids`).")
+    elif "task_ids" in v and "ids" in v:
         out.append(f"- Task-aware tokens (`task_ids`, the encoder aligned with the training "
                    f"events' {_task_signal(metrics)}): "
                    f"{v['task_ids']['auc'] - v['ids']['auc']:+.4f} AUC over content-only `ids`"
@@ -285,6 +291,8 @@ def _task_section(metrics: dict) -> list[str]:
         "the codes on that part, so a new ad shares IDs with the warm ads that click like it "
         "and inherits what the ranker learned of them"
         + (" (here: a clear gain on cold rows)." if paid else
+           " (here nothing in the training events generalised to held-out items: the IDs "
+           "are the content-only ones)." if task.get("tuples_differ_from_content") == 0 else
            " (here the cold rows show no clear gain, see the summary).")
         + f" They cost one more quantizer fit, on the training events ({task['fit_s']:.0f} s "
         f"against {content['fit_s']:.0f} s for content-only IDs), and nothing in serving: the "
