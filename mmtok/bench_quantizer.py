@@ -47,10 +47,11 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
                         scale_sizes: list[int], levels: int = 2, holdout: float = 0.2,
                         max_holdout: int = 10_000, seed: int = 0, steps: int | None = None,
                         only: list[str] | None = None, stability: bool = True,
-                        progress: bool = True) -> dict:
+                        scale_mode: str | None = None, progress: bool = True) -> dict:
     """``stability``: also fit the seeded quantizers (mmtok, k-means, LSH) with seed + 1
     and report ``ids_changed_across_seeds``, the share of held-out items whose full code
-    tuple changes (trained ID rows downstream are keyed by these tuples)."""
+    tuple changes (trained ID rows downstream are keyed by these tuples). ``scale_mode``:
+    mmtok's scales as one "cascade" (default) or "parallel"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emb = read_embeddings(embeddings_path)
@@ -59,12 +60,13 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
         raise ValueError(f"{embeddings_path}: need at least 50 rows to benchmark, got {n}")
     fit_rows, held = held_out_split(n, seed, holdout, max_holdout)
     x_fit, x_held = emb.vectors[fit_rows], emb.vectors[held]
-    quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=steps)
+    quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=steps,
+                                  scale_mode=scale_mode)
     if only:
         quantizers = {k: v for k, v in quantizers.items() if k in only}
     # ID stability: the seeded quantizers fitted again with another seed on the same rows
     refits = {name: q for name, q in build_quantizers(scale_sizes, levels, seed=seed + 1,
-                                                      steps=steps).items()
+                                                      steps=steps, scale_mode=scale_mode).items()
               if name in ("mmtok", "kmeans", "lsh") and name in quantizers}
     results, codes_of = {}, {}
     for name, q in quantizers.items():

@@ -73,7 +73,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                       *, config: RankerConfig | None = None, variants: list[str] | None = None,
                       baselines: list[str] | None = None, scale_sizes: list[int] | None = None,
                       levels: int = 2, quantizer: str = "mmdict", quantizer_steps: int | None = None,
-                      task_signal: str | None = None,
+                      task_signal: str | None = None, scale_mode: str | None = None,
                       nproc: int = 1, seed: int = 0, ranker_seeds=DEFAULT_SEEDS,
                       streaming: bool = True, progress: bool = True,
                       labels: ReportLabels | None = None,
@@ -83,7 +83,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     ``quantizer``: the kind (``quantizer.build_quantizer``) whose IDs the core variants
     read ("mmdict", or "rq-kmeans"). ``task_signal``: what the task-aware tokens of
     ``task_ids`` align with, from the training events only ("clicks" or
-    "co_engagement", see ``quantizer.task_aware``; None: its default). ``ranker_seeds``: train every variant once per seed
+    "co_engagement", see ``quantizer.task_aware``; None: its default). ``scale_mode``:
+    mmdict's scales as one "cascade" (default) or "parallel". ``ranker_seeds``: train every variant once per seed
     and report the mean of each metric (the per-seed test AUCs under ``auc_seeds``, their
     standard deviation under ``auc_std``); the split and the quantizers keep ``seed``. One
     run of a small dataset moves AUC by a few thousandths, more than some gaps the report
@@ -110,11 +111,11 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
         raise ValueError(f"unknown variants {unknown}; choose from {list(table)}")
     # Built (not fitted) before any work, so a bad layout is refused at once.
     quantizers = build_quantizers(scale_sizes, levels, seed=seed, steps=quantizer_steps,
-                                  kind=quantizer)
+                                  kind=quantizer, scale_mode=scale_mode)
     if "task_ids" in variants:
         quantizers["task_mmtok"] = build_quantizer(
             quantizer, seed=seed, steps=quantizer_steps, scale_sizes=scale_sizes,
-            levels=levels, task_signal=task_signal)
+            levels=levels, task_signal=task_signal, scale_mode=scale_mode)
     started = time.perf_counter()
     timings = dict(timings or {})
     earlier_s = sum(timings.values())

@@ -109,6 +109,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise SystemExit("mmtok quantize: --task-signal needs --events (the training period's)")
     quantizer = build_quantizer(args.quantizer, seed=args.seed, steps=args.steps,
                                 scale_sizes=args.scale_sizes, levels=args.levels,
+                                scale_mode=args.scale_mode,
                                 task_signal=(args.task_signal or DEFAULT_TASK_SIGNAL)
                                 if args.events else None)
     if args.events:  # task-aware tokens: the encoder aligns with these events first
@@ -137,7 +138,7 @@ def cmd_bench_quantizer(args: argparse.Namespace) -> None:
     run_bench_quantizer(args.embeddings, args.out, scale_sizes=args.scale_sizes,
                         levels=args.levels, holdout=args.holdout, seed=args.seed,
                         steps=args.steps, only=args.only, stability=args.stability,
-                        progress=not args.quiet)
+                        scale_mode=args.scale_mode, progress=not args.quiet)
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
 
 
@@ -192,7 +193,8 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
                       variants=args.variants, baselines=args.baselines,
                       scale_sizes=args.scale_sizes, levels=args.levels,
                       quantizer=args.quantizer, quantizer_steps=args.quantizer_steps,
-                      task_signal=args.task_signal, nproc=args.nproc, seed=args.seed,
+                      task_signal=args.task_signal, scale_mode=args.scale_mode,
+                      nproc=args.nproc, seed=args.seed,
                       ranker_seeds=args.seeds, streaming=not args.in_memory,
                       progress=not args.quiet)
 
@@ -213,6 +215,14 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     run_score_command(args.addr, args.request, timeout=args.timeout, as_json=args.json,
                       tokenize_only=args.tokenize, health_only=args.health)
+
+
+def _scale_mode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale-mode", choices=["cascade", "parallel"], default=None,
+                   help="mmdict's scales: cascade (default: S, then M on what S left, then L) "
+                        "or parallel (each scale quantizes the whole item, the scales kept "
+                        "apart by an orthogonality penalty)")
+
 
 
 def _seed_and_quiet(p: argparse.ArgumentParser) -> None:
@@ -307,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "codebooks) or rq-kmeans (parallel k-means scales)")
     p.add_argument("--steps", type=int, default=None,
                    help="most training steps (mmdict, conditional_rq)")
+    _scale_mode(p)
     p.add_argument("--events", type=Path, default=None,
                    help="task-aware tokens (mmdict): the training period's events (contract; "
                         "e.g. `mmtok split`'s train.parquet) the encoder aligns with before the "
@@ -325,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share of rows held out for measuring (at most 10,000)")
     p.add_argument("--steps", type=int, default=None, help="mmtok training steps")
+    _scale_mode(p)
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="comma-separated subset of mmtok,faiss_rq,faiss_pq,kmeans,lsh")
     p.add_argument("--no-stability", dest="stability", action="store_false",
@@ -382,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=2,
                    help="residual levels per scale (IDs per item = scales x levels)")
     p.add_argument("--quantizer-steps", type=int, default=None, help="mmtok training steps")
+    _scale_mode(p)
     p.add_argument("--task-signal", choices=TASK_SIGNAL_CHOICES, default=None,
                    help="what the task-aware tokens of `task_ids` align with, from the training "
                         "events only: clicks (a small click model, default) or co_engagement "

@@ -50,7 +50,7 @@ def save_quantizer(quantizer: Quantizer, directory: str | Path) -> Path:
 
 def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
                     scale_sizes: list[int] | None = None, levels: int | None = None,
-                    task_signal: str | None = None
+                    task_signal: str | None = None, scale_mode: str | None = None
                     ) -> MmDictQuantizer | ResidualKMeansQuantizer | ConditionalRQQuantizer:
     """An unfitted quantizer of a (scales x levels) layout: "mmdict" (the learned one),
     "conditional_rq" (QINCo-style codebooks adapted to the codes chosen so far: better
@@ -58,14 +58,19 @@ def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
     simple baseline; its saved kind is "residual_kmeans", also accepted here). Unset arguments keep the config's
     defaults; ``q.config`` holds the result. ``task_signal`` ("co_engagement" or
     "clicks", mmdict only): task-aware tokens, fitted with the training events'
-    engagement (``quantizer.task_aware``)."""
+    engagement (``quantizer.task_aware``). ``scale_mode`` (mmdict only): "cascade" (one
+    residual chain through the scales, the default) or "parallel" (each scale quantizes
+    the whole latent)."""
     layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items()
               if v is not None}
     if task_signal is not None and kind != "mmdict":
         raise ValueError(f"task-aware tokens (task_signal={task_signal!r}) are built on mmdict, "
                          f"not {kind!r}")
+    if scale_mode is not None and kind != "mmdict":
+        raise ValueError(f"scale_mode={scale_mode!r} is an mmdict option, not {kind!r}'s")
     if kind == "mmdict":
         return MmDictQuantizer(MmDictConfig(seed=seed, task_signal=task_signal, **layout,
+                                            **({"mode": scale_mode} if scale_mode else {}),
                                             **({"steps": steps} if steps else {})))
     if kind in ("rq-kmeans", ResidualKMeansQuantizer.kind):
         return ResidualKMeansQuantizer(ResidualKMeansConfig(seed=seed, **layout))
@@ -77,12 +82,13 @@ def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
 
 
 def build_quantizers(scale_sizes: list[int], levels: int, *, seed: int, steps: int | None,
-                     kind: str = "mmdict") -> dict[str, Quantizer]:
+                     kind: str = "mmdict", scale_mode: str | None = None
+                     ) -> dict[str, Quantizer]:
     """mmtok's quantizer (of ``kind``, see ``build_quantizer``) and the baselines at the
     same total bits, unfitted, keyed "mmtok", "faiss_rq", "faiss_pq", "kmeans", "lsh"
     (k-means: one codebook of the largest size)."""
     mmtok = build_quantizer(kind, seed=seed, steps=steps, scale_sizes=scale_sizes,
-                            levels=levels)
+                            levels=levels, scale_mode=scale_mode)
     bits = int(round(total_bits(mmtok.codebook_sizes)))
     pq_bits = next((b for b in (8, 6, 4, 3, 2, 1) if bits % b == 0))
     lsh_bits = next((b for b in (6, 4, 3, 2, 1) if bits % b == 0))

@@ -104,6 +104,11 @@ def test_build_quantizer_by_command_line_name():
     assert (rq.config.seed, rq.config.scale_sizes, rq.config.levels) == (2, [8], 2)
     with pytest.raises(ValueError, match="choose 'mmdict', 'rq-kmeans'"):
         build_quantizer("faiss_rq", seed=0)
+    assert build_quantizer("mmdict", seed=0, scale_mode="parallel").config.mode == "parallel"
+    assert build_quantizers([8, 16], 2, seed=0, steps=None,
+                            scale_mode="parallel")["mmtok"].config.mode == "parallel"
+    with pytest.raises(ValueError, match="mmdict option"):
+        build_quantizer("rq-kmeans", seed=0, scale_mode="parallel")
 
 
 def test_build_quantizers_at_equal_bits():
