@@ -282,6 +282,7 @@ def _task_section(metrics: dict) -> list[str]:
     if not task or not content:
         return []
     align = (task.get("training") or {}).get("task_alignment") or {}
+    tuned = (task.get("training") or {}).get("task_finetune") or {}
     entry = (metrics.get("intervals") or {}).get("task_ids_vs_ids_cold")
     paid = entry is not None and _resolved(entry, metrics["variants"]) and entry["value"] > 0
     lines = _table_section(
@@ -311,10 +312,26 @@ def _task_section(metrics: dict) -> list[str]:
                 f"items' loss {align['valid_loss_init']:.4f} -> {align['valid_loss_best']:.4f}, "
                 f"{align['variance_moved']:.0%} of the latent's variance moved between axes")
         lines += ["", f"Alignment ({align['signal']}, on {align['held_out_items']:,} held-out "
-                  f"items' events to stop): {stop}. \"tuples moved\": items whose code tuple "
-                  "differs from the content-only one. rel_mse and recall@10 measure the content "
-                  "kept, on items without training events."]
+                  f"items' events to stop): {stop}.{_finetune_words(tuned)} \"tuples moved\": "
+                  "items whose code tuple differs from the content-only one. rel_mse and "
+                  "recall@10 measure the content kept, on items without training events."]
     return lines
+
+
+def _finetune_words(tuned: dict) -> str:
+    """What the click loss through the codes did, for the task section."""
+    if not tuned or tuned.get("skipped"):
+        return ""
+    check = tuned.get("id_check")
+    if check is None:
+        return (" The click loss through the codes found nothing better than the codes as "
+                "they are on the held-out items." if not tuned.get("best_step") else
+                f" The click loss through the codes kept step {tuned['best_step']}.")
+    verdict = "kept" if check["kept"] else "rolled back"
+    return (f" The click loss through the codes found a better step ({tuned['valid_loss_init']:.4f}"
+            f" -> {tuned['valid_loss_best']:.4f}); an ID-only click model trained from scratch "
+            f"scored the held-out items' clicks {check['content_loss']:.4f} with the content "
+            f"codes and {check['moved_loss']:.4f} with the moved ones, so the move was {verdict}.")
 
 
 def _user_cross(column: str) -> str:

@@ -563,6 +563,8 @@ class MmDictQuantizer:
                 self._aligned_axes, click_model, alignment = align_encoder(
                     x_all, axes, engagement, align_config, data_seed=data_seed,
                     progress=progress)
+                if not alignment["best_step"]:  # nothing generalised: the content's own
+                    self._aligned_axes = None   # encoder, bit for bit (no rescaling drift)
         generator = torch.Generator().manual_seed(cfg.seed)
         n_valid = min(int(len(x_np) * cfg.validation_fraction), cfg.validation_max_rows)
         if len(x_np) - n_valid < max(cfg.scale_sizes) or n_valid < 32:

@@ -414,6 +414,9 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
     slow = [*net.encoder.parameters(), *net.codebooks.parameters()]
     opt = torch.optim.Adam([{"params": slow, "lr": net.config.lr_codebooks},
                             {"params": clicks.parameters(), "lr": config.lr}])
+    with torch.no_grad():
+        before = net.search_codes(net.encoder(x))
+    start_state = copy.deepcopy(net.state_dict())
     found = _until_stale(both, opt, step_once, valid_losses, config, progress=progress,
                          desc="fine-tune codes on clicks", best=first["losses"])
     net.eval()
@@ -421,8 +424,79 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
                    best_step=found["best_step"], valid_loss_init=first["best"],
                    valid_loss_best=found["best"])
     if summary["best_step"]:
-        _refit_decoder(net, x)
+        # The codes moved for the click model they were trained with; keep them only if
+        # a model that, like the ranker, knows an item by its IDs alone and learns from
+        # scratch predicts the held-out items' clicks better with them.
+        with torch.no_grad():
+            after = net.search_codes(net.encoder(x))
+        check = {name: id_click_losses(codes, net.prefixes(), engagement, held, config)
+                 for name, codes in (("content", before), ("moved", after))}
+        gain = check["content"] - check["moved"]
+        kept = float(gain.mean()) > 2 * float(gain.std()) / math.sqrt(len(gain))
+        summary["id_check"] = {"content_loss": float(check["content"].mean()),
+                               "moved_loss": float(check["moved"].mean()), "kept": kept}
+        if kept:
+            _refit_decoder(net, x)
+        else:
+            net.load_state_dict(start_state)
+            summary["best_step"] = 0
     return summary
+
+
+def id_click_losses(codes: torch.Tensor, prefixes: list[list[int]], engagement: Engagement,
+                    held: torch.Tensor, config: AlignmentConfig) -> torch.Tensor:
+    """Per-event click losses on the held-out items (``held``, (n,) bool) of a click
+    model that knows an item only by its IDs, as the ranker does: one embedding row per
+    distinct code prefix (s0, s0 s1, ...: the ranker's prefix n-grams), summed, dotted
+    with a ``click_rank``-wide user vector, plus a bias per prefix row and per user.
+    Trained from scratch on the other items' events, stopped on the held-out ones; a
+    held-out item reaches it only through the prefixes it shares with trained items."""
+    torch.manual_seed(config.seed)
+    rows, users = torch.from_numpy(engagement.rows), torch.from_numpy(engagement.users)
+    labels = torch.from_numpy(engagement.labels)
+    ids = [torch.unique(codes[:, cols], dim=0, return_inverse=True)[1] for cols in prefixes]
+    offsets = torch.tensor([0] + [int(i.max()) + 1 for i in ids]).cumsum(0)
+    item_ids = torch.stack([i + o for i, o in zip(ids, offsets[:-1])], 1)  # (n, P)
+    n_users = int(users.max()) + 1
+
+    class IdClicks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = torch.nn.EmbeddingBag(int(offsets[-1]), config.click_rank + 1,
+                                              mode="sum")
+            torch.nn.init.zeros_(self.rows.weight)
+            self.users = torch.nn.Embedding(n_users, config.click_rank + 1)
+            torch.nn.init.normal_(self.users.weight, std=1 / math.sqrt(config.click_rank))
+            with torch.no_grad():
+                self.users.weight[:, -1] = 1.0  # the last column reads the rows' bias
+            self.user_bias = torch.nn.Embedding(n_users, 1)
+            torch.nn.init.zeros_(self.user_bias.weight)
+            self.bias = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, events: torch.Tensor) -> torch.Tensor:
+            u = users[events]
+            item = self.rows(item_ids[rows[events]])
+            return (self.users(u) * item).sum(1) + self.user_bias(u)[:, 0] + self.bias
+
+    model = IdClicks()
+    is_valid = held[rows]
+    train_idx, valid_idx = torch.nonzero(~is_valid)[:, 0], torch.nonzero(is_valid)[:, 0]
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def step_once(opt: torch.optim.Optimizer) -> None:
+        b = train_idx[torch.randint(len(train_idx), (config.batch_size,), generator=gen)]
+        loss = F.binary_cross_entropy_with_logits(model(b), labels[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def valid_losses() -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(model(valid_idx), labels[valid_idx],
+                                                  reduction="none")
+
+    return _until_stale(model, torch.optim.Adam(model.parameters(), lr=config.lr), step_once,
+                        valid_losses, config, progress=False, desc="ID click model")["losses"]
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ import torch
 
 from mmdata import write_split
 from quantizer import TASK_SIGNALS, Engagement, MmDictConfig, MmDictQuantizer
-from quantizer.task_aware import DEFAULT_TASK_SIGNAL
+from quantizer.task_aware import (DEFAULT_TASK_SIGNAL, AlignmentConfig, held_out_items,
+                                  id_click_losses)
 
 
 def _taste_world(n_items=1500, n_users=300, n_events=30_000, seed=0):
@@ -66,9 +67,10 @@ def test_alignment_spends_the_codes_on_what_users_click(signal):
     align = task.training_summary["task_alignment"]
     assert align["signal"] == signal and align["best_step"] > 0
     assert align["valid_loss_best"] < align["valid_loss_init"]
-    if signal == "clicks":  # then the click loss end to end through the codes
-        tuned = task.training_summary["task_finetune"]
-        assert tuned["best_step"] > 0 and tuned["valid_loss_best"] < tuned["valid_loss_init"]
+    if signal == "clicks":  # then the click loss end to end through the codes, kept only
+        tuned = task.training_summary["task_finetune"]  # where an ID-only model agrees
+        assert tuned["steps_run"] > 0 and "id_check" in tuned
+        assert tuned["id_check"]["kept"] or tuned["best_step"] == 0
     # the codes follow the class users click by, not the loudest content axes
     assert _purity(task.encode(x), cls) > _purity(content.encode(x), cls) + 0.1
     # the fit records what it learned from, and the encoder alone tokenizes
@@ -133,3 +135,35 @@ def test_a_cold_item_gets_the_same_codes_whatever_its_later_events(tmp_path):
     assert metrics["training"]["task_alignment"]["best_step"] > 0  # it did align
     cold_rows = np.isin(emb.item_ids, cold)
     assert (with_later.select(q.code_names).to_numpy()[cold_rows] == q.encode(x[cold_rows])).all()
+
+
+def test_the_id_click_model_scores_codes_by_the_clicks_they_predict_on_held_out_items():
+    """The check a fine-tune's codes must pass: an ID-only click model, trained from
+    scratch on the other items, predicts held-out items' clicks through shared IDs."""
+    x, cls, events = _taste_world()
+    eng = Engagement.from_events(events, np.arange(len(x)))
+    held = held_out_items(len(x), 0.1, data_seed=0)
+    config = AlignmentConfig(signal="clicks")
+    by_class = torch.from_numpy(np.stack([cls, cls], 1)).long()
+    at_random = torch.from_numpy(np.random.default_rng(0).integers(0, cls.max() + 1,
+                                                                   size=(len(x), 2)))
+    losses = {name: id_click_losses(codes, [[0], [0, 1]], eng, held, config)
+              for name, codes in (("class", by_class), ("random", at_random))}
+    assert len(losses["class"]) == int(held[torch.from_numpy(eng.rows)].sum())
+    assert losses["class"].mean() < losses["random"].mean() - 0.05
+
+
+def test_a_task_fit_that_keeps_no_step_gives_the_content_only_codes_bit_for_bit():
+    """Where neither the alignment nor the fine-tune keeps a step (here: too few steps to
+    score one), the tokenizer is the content one exactly, not a rescaled copy of it."""
+    x, _, events = _taste_world(n_items=600, n_users=100, n_events=8000)
+    eng = Engagement.from_events(events, np.arange(len(x)))
+    content = MmDictQuantizer(_config()).fit(x)
+    config = _config(task_signal="clicks")
+    config.task_steps = 1
+    task = MmDictQuantizer(config).fit(x, engagement=eng)
+    summary = task.training_summary
+    assert summary["task_alignment"]["best_step"] == summary["task_finetune"]["best_step"] == 0
+    for name, tensor in content.net.state_dict().items():
+        assert torch.equal(task.net.state_dict()[name], tensor), name
+    assert (task.encode(x) == content.encode(x)).all()
