@@ -256,6 +256,7 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
         else:
             q.fit(emb.vectors[seen], progress=progress)
         fit_s = time.perf_counter() - fit_started
+        q.encode(emb.vectors[:256])  # warm-up: the first encode of a process pays its setup
         encode_started = time.perf_counter()
         frame = encode_items(q, emb)
         encode_per_s = len(emb) / max(time.perf_counter() - encode_started, 1e-9)
