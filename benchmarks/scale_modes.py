@@ -30,6 +30,7 @@ from mmdata import read_embeddings
 from mmtok.bench_quantizer import fit_and_measure, held_out_split
 from quantizer import MmDictConfig, MmDictQuantizer
 from quantizer.baselines import FaissRQ
+from quantizer.metrics import rel_mse
 
 CORPORA = Path("runs/bench-quantizer/corpora")
 
@@ -59,16 +60,14 @@ def main() -> None:
         fit_rows, held = held_out_split(len(x), args.seed)
         x_fit, x_held = x[fit_rows], x[held]
         print(f"\n== {corpus}: {len(x)} x {x.shape[1]}, fit {len(x_fit)}, held out {len(x_held)}")
-        rows = {"faiss_rq": fit_and_measure(FaissRQ(MmDictQuantizer(MmDictConfig()).codebook_sizes),
+        rows = {"faiss_rq": fit_and_measure(FaissRQ(MmDictQuantizer().codebook_sizes),
                                             x_fit, x_held, seed=args.seed, progress=False)[0]}
         for mode, lr, lr_books in itertools.product(args.modes.split(","), args.lr,
                                                     args.lr_codebooks):
             q = MmDictQuantizer(MmDictConfig(mode=mode, lr=lr, lr_codebooks=lr_books,
                                              seed=args.seed))
             metrics, codes = fit_and_measure(q, x_fit, x_held, seed=args.seed, progress=True)
-            metrics["codeword_sum_rel_mse"] = float(
-                np.mean(np.sum((q.decode_codewords(codes) - x_held) ** 2, 1))
-                / np.mean(np.sum((x_held - x_held.mean(0)) ** 2, 1)))
+            metrics["codeword_sum_rel_mse"] = rel_mse(x_held, q.decode_codewords(codes))
             metrics["training"] = q.training_summary
             metrics["config"] = asdict(q.config)
             rows[f"{mode} lr={lr:g} lr_codebooks={lr_books:g}"] = metrics

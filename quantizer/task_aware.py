@@ -291,10 +291,9 @@ def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once,
         out["steps_run"] = step
         if step % config.validate_every == 0:
             losses = valid_losses()
-            gain = best_losses - losses
             bar.set_postfix(valid=f"{float(losses.mean()):.4f}",
                             best=f"{float(best_losses.mean()):.4f}")
-            if float(gain.mean()) > 2 * float(gain.std()) / math.sqrt(len(gain)):
+            if significantly_lower(losses, best_losses):
                 best_losses, out["best_step"] = losses, step
                 best_state, since = copy.deepcopy(module.state_dict()), 0
             else:
@@ -305,6 +304,13 @@ def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once,
     module.load_state_dict(best_state)
     out.update(best=float(best_losses.mean()), losses=best_losses)
     return out
+
+
+def significantly_lower(losses: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether per-example ``losses`` beat ``reference`` (the same examples) beyond noise:
+    the paired mean gain exceeds two standard errors."""
+    gain = reference - losses
+    return float(gain.mean()) > 2 * float(gain.std()) / math.sqrt(len(gain))
 
 
 def held_out_items(n: int, fraction: float, data_seed: int) -> torch.Tensor:
@@ -431,8 +437,7 @@ def finetune_through_codes(net, x: torch.Tensor, engagement: Engagement, config:
             after = net.search_codes(net.encoder(x))
         check = {name: id_click_losses(codes, net.prefixes(), engagement, held, config)
                  for name, codes in (("content", before), ("moved", after))}
-        gain = check["content"] - check["moved"]
-        kept = float(gain.mean()) > 2 * float(gain.std()) / math.sqrt(len(gain))
+        kept = significantly_lower(check["moved"], check["content"])
         summary["id_check"] = {"content_loss": float(check["content"].mean()),
                                "moved_loss": float(check["moved"].mean()), "kept": kept}
         if kept:

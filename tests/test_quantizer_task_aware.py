@@ -69,7 +69,8 @@ def test_alignment_spends_the_codes_on_what_users_click(signal):
     assert align["valid_loss_best"] < align["valid_loss_init"]
     if signal == "clicks":  # then the click loss end to end through the codes, kept only
         tuned = task.training_summary["task_finetune"]  # where an ID-only model agrees
-        assert tuned["steps_run"] > 0 and "id_check" in tuned
+        assert tuned["steps_run"] > 0 and "id_check" in tuned  # it found a better step
+        assert tuned["valid_loss_best"] < tuned["valid_loss_init"]
         assert tuned["id_check"]["kept"] or tuned["best_step"] == 0
     # the codes follow the class users click by, not the loudest content axes
     assert _purity(task.encode(x), cls) > _purity(content.encode(x), cls) + 0.1
