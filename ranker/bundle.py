@@ -298,8 +298,7 @@ class ServableModel:
             raise BundleError(f"{directory / MANIFEST}: sparse_names {spec['sparse_names']} "
                               f"!= the tables' {features.sparse_names}")
         config = RankerConfig(**manifest["ranker"])
-        model = RankingModel(features.sparse_names, features.sparse_sizes,
-                             features.dense_in_features, config)
+        model = RankingModel.of(features, config)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

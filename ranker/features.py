@@ -513,6 +513,11 @@ class FeatureEncoder:
             width += self.content.vectors.shape[1]
         return max(width, 1)  # DLRM needs a dense input; a constant zero when there is none
 
+    @property
+    def content_in_features(self) -> int:
+        """Width of the dense content vector at the end of the dense input (0: none)."""
+        return self.content.vectors.shape[1] if self.use_dense_content else 0
+
     def encode(self, events: pl.DataFrame, *, where: str = "events",
                content_row: np.ndarray | None = None) -> EncodedEvents:
         """``content_row``: each event's row in the content tables (default: looked up

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.models.dlrm import (DLRM, DLRM_DCN, InteractionArch, InteractionDCNArch, OverArch,
+                                  choose)
+from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
@@ -44,6 +46,12 @@ class RankerConfig:
     # Stop after this many validations without a better AUC (not counting those of the
     # table warm-up: a model is not judged before its tables have learned).
     patience: int = 4
+    # The weights a validation scores (and keeps, if best) are the mean of this many evenly
+    # spaced snapshots of the steps since the previous validation, the last being the
+    # current step (tail averaging, as SWA does): the last step alone carries the noise of
+    # its last batches, which moves test AUC between seeds. Training itself goes on from
+    # the last step's weights. 1: the last step's weights.
+    averaged_snapshots: int = 8
     lr_dense: float = 1e-3
     lr_sparse: float = 0.02
     # Epochs at the start in which the tables hold still (learning rate 0) while the MLPs
@@ -88,6 +96,11 @@ class RankerConfig:
     # The tables' fused optimizer: "rowwise_adagrad" (one Adagrad sum per row, as
     # production DLRMs train their tables; cheaper per step) or "adagrad" (per element).
     table_optimizer: str = "rowwise_adagrad"
+    # Give the dense content vector an interaction slot of its own: a small MLP (sizes
+    # dense_arch) maps it to one more embedding-width vector that meets every ID slot in
+    # the interaction (user . content: the user's taste for this kind of content), beside
+    # the bottom MLP's slot, which mixes the content with the dense context.
+    content_slot: bool = True
     # Standardize the dense content vector per dimension (the items' mean and std), as
     # the dense context is: a unit-norm vector's entries are about 1/sqrt(width), and
     # the bottom MLP then barely reads them.
@@ -126,6 +139,9 @@ class RankerConfig:
             raise ValueError(f"lr_sparse_decay must be in [0, 1], got {self.lr_sparse_decay}")
         if self.id_l2_frequency < 0:
             raise ValueError(f"id_l2_frequency must be >= 0, got {self.id_l2_frequency}")
+        if self.averaged_snapshots < 1:
+            raise ValueError(f"averaged_snapshots must be >= 1 (1: the last step's weights), "
+                             f"got {self.averaged_snapshots}")
         if self.validations_per_epoch < 1 or self.patience < 1:
             raise ValueError(f"validations_per_epoch and patience must be >= 1, got "
                              f"{self.validations_per_epoch} and {self.patience}")
@@ -165,7 +181,8 @@ class RankingModel(nn.Module):
 
     def __init__(self, sparse_names: list[str], sparse_sizes: list[int],
                  dense_in_features: int, config: RankerConfig,
-                 table_device: torch.device = torch.device("cpu")) -> None:
+                 table_device: torch.device = torch.device("cpu"), *,
+                 content_in_features: int = 0) -> None:
         super().__init__()
         tables = [
             EmbeddingBagConfig(name=f"t_{name}", embedding_dim=config.embedding_dim,
@@ -180,11 +197,38 @@ class RankingModel(nn.Module):
                                 dcn_num_layers=config.dcn_layers, dcn_low_rank_dim=config.dcn_rank)
         else:
             self.net = DLRM(ebc, dense_in_features, config.dense_arch, config.over_arch)
+        # content_slot: the last content_in_features columns of the dense input (the
+        # content vector) get a slot of their own, one more than the tables'.
+        self.content_in_features = content_in_features if config.content_slot else 0
+        self.content_arch = None
+        if self.content_in_features:
+            slots = len(tables) + 1
+            d = config.embedding_dim
+            if config.interaction == "dcn":
+                self.net.inter_arch = InteractionDCNArch(slots, LowRankCrossNet(
+                    (slots + 1) * d, config.dcn_layers, config.dcn_rank))
+                self.net.over_arch = OverArch((slots + 1) * d, config.over_arch)
+            else:
+                self.net.inter_arch = InteractionArch(slots)
+                self.net.over_arch = OverArch(d + choose(slots, 2) + slots, config.over_arch)
+            sizes = [self.content_in_features, *config.dense_arch]
+            layers: list[nn.Module] = []
+            for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+                layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+            self.content_arch = nn.Sequential(*layers)
         if config.code_init == "zeros":
             with torch.no_grad():
                 for name, table in ebc.embedding_bags.items():
                     if is_content_feature(name.removeprefix("t_")):
                         table.weight.zero_()
+
+    @classmethod
+    def of(cls, features, config: RankerConfig,
+           table_device: torch.device = torch.device("cpu")) -> "RankingModel":
+        """The model for a fitted ``ranker.features.FeatureEncoder``: its tables, its
+        dense input, and its content vector's slot (``config.content_slot``)."""
+        return cls(features.sparse_names, features.sparse_sizes, features.dense_in_features,
+                   config, table_device, content_in_features=features.content_in_features)
 
     def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor, *, with_embeddings: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +237,9 @@ class RankingModel(nn.Module):
         spelled out so the embeddings come out through DMP's wrapper."""
         net = self.net
         embedded = net.sparse_arch(kjt)  # (B, F, D)
+        if self.content_arch is not None:
+            content = self.content_arch(dense[:, -self.content_in_features:])  # (B, D)
+            embedded = torch.cat([embedded, content.unsqueeze(1)], dim=1)
         interactions = net.inter_arch(dense_features=net.dense_arch(dense),
                                       sparse_features=embedded)
         logits = net.over_arch(interactions).squeeze(-1)  # (B,)

@@ -4,6 +4,7 @@ ranks, gloo on CPU, nccl on GPU), with atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +77,8 @@ def build_model(features: FeatureEncoder, config: RankerConfig
     # The seeded weights every rank starts from. The model DMP shards has its tables on
     # the meta device: the per-rank shards are allocated by TorchRec, and no full-size
     # table is left behind, held alive by the in-backward optimizer's hooks.
-    initial = RankingModel(features.sparse_names, features.sparse_sizes,
-                           features.dense_in_features, config).state_dict()
-    model = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, config, table_device=torch.device("meta"))
+    initial = RankingModel.of(features, config).state_dict()
+    model = RankingModel.of(features, config, table_device=torch.device("meta"))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
     # One optimizer for every table: tables with different fused parameters go into
@@ -135,8 +134,7 @@ def unshard_model(trained: nn.Module, features: FeatureEncoder, config: RankerCo
             state[key.removeprefix("module.")] = value.detach().cpu().clone()
     if rank != 0:
         return None
-    plain = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, config)
+    plain = RankingModel.of(features, config)
     plain.load_state_dict(state)
     return plain.eval()
 
@@ -194,6 +192,91 @@ def validation_steps(n_batches: int, per_epoch: int) -> set[int]:
     """The steps (counted from 1 within an epoch of ``n_batches``) after which the model
     is validated: ``per_epoch`` evenly spaced ones, the last at the epoch's end."""
     return {-(-n_batches * (k + 1) // per_epoch) for k in range(min(per_epoch, n_batches))}
+
+
+def snapshot_steps(checks: set[int], snapshots: int) -> set[int]:
+    """The steps (counted from 1 within an epoch) whose weights enter the average a
+    validation scores: ``snapshots`` evenly spaced ones in each window between two
+    validation steps of ``checks``, the last at the validation itself."""
+    steps, start = set(), 0
+    for end in sorted(checks):
+        width = end - start
+        n = min(snapshots, width)
+        steps |= {start + -(-width * (k + 1) // n) for k in range(n)}
+        start = end
+    return steps
+
+
+class TailAverage:
+    """``RankerConfig.averaged_snapshots``: a running sum of the model's weights at the
+    snapshot steps of the current validation window, and the mean of them swapped in
+    while a validation scores and keeps the model.
+
+    The weights are the live tensors of the model's state dict (each sharded table's
+    local shards, the MLPs' parameters). The sums are allocated at the first snapshot,
+    so a run without averaging holds no second copy of its tables.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.live = _weight_tensors(model.state_dict())
+        self.sums: list[torch.Tensor] = []
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self) -> None:
+        if not self.sums:
+            self.sums = [torch.zeros_like(t) for t in self.live]
+        for total, weight in zip(self.sums, self.live):
+            total.add_(weight)
+        self.count += 1
+
+    def reset(self) -> None:
+        for total in self.sums:
+            total.zero_()
+        self.count = 0
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the mean of the window's snapshots inside the block (its own
+        weights when none was taken), and its own weights again after it."""
+        if self.count == 0:
+            yield
+            return
+        own = [weight.clone() for weight in self.live]
+        with torch.no_grad():
+            for weight, total in zip(self.live, self.sums):
+                torch.div(total, self.count, out=weight)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, saved in zip(self.live, own):
+                    weight.copy_(saved)
+
+    def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Puts the window's sums into a checkpoint's tensors; returns their count."""
+        if self.count:
+            tensors.update({f"avg/{i}": total for i, total in enumerate(self.sums)})
+        return self.count
+
+    def from_checkpoint(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        if count == 0:
+            return
+        self.sums = [torch.zeros_like(t) for t in self.live]
+        for i, total in enumerate(self.sums):
+            copy_into(total, tensors[f"avg/{i}"], "tail average")
+        self.count = count
+
+
+def _weight_tensors(state: dict) -> list[torch.Tensor]:
+    """The live floating-point tensors behind a model's state dict, in its order."""
+    out = []
+    for value in state.values():
+        if isinstance(value, ShardedTensor):
+            out.extend(shard.tensor for shard in value.local_shards())
+        elif torch.is_tensor(value) and value.is_floating_point():
+            out.append(value)
+    return out
 
 
 def table_learning_rate(config: RankerConfig, epoch: int) -> float:
@@ -309,12 +392,13 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
                              shard=shard) if isinstance(train, EncodedEvents) else train
     model, sparse_opt, dense_opt = build_model(features, config)
     id_l2 = FrequencyL2.of(features, config.id_l2_frequency)
+    average = TailAverage(model)
     result = TrainResult(model=model)
     progress = progress and shard.rank == 0
     # Everything a resumed run needs besides the tensors.
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0.0,
              "best_step": 0, "stale": 0, "history": [], "loss_sum": 0.0, "loss_n": 0, "seen": 0,
-             "train_seconds": 0.0}
+             "train_seconds": 0.0, "avg_count": 0}
     best: dict[str, torch.Tensor] = {}
     best_skeleton = None
 
@@ -336,6 +420,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             best = {k: v for k, v in tensors.items() if k.startswith("best/")}
             best_skeleton = saved["best"]
             state = saved["progress"]
+            average.from_checkpoint(tensors, state.get("avg_count", 0))
             result.resumed = True
             if progress:
                 tqdm.write(f"{desc}: resumed from {found} (epoch {state['epoch'] + 1}, "
@@ -347,6 +432,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         if checkpoint_dir is None:
             return
         tensors: dict[str, torch.Tensor] = dict(best)
+        state["avg_count"] = average.to_checkpoint(tensors)
         saved = {"world_size": shard.world_size, "progress": state, "best": best_skeleton,
                  "model": _model_state(model, tensors, "model"),
                  "sparse_opt": _optimizer_state(sparse_opt, tensors, "sparse_opt"),
@@ -360,7 +446,12 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     def validate(epoch: int, n_batches: int) -> bool:
         """Scores the validation events, keeps the best step's weights; True: stop."""
         nonlocal best, best_skeleton
-        valid_auc = auc(valid.labels.numpy(), predict(model, features, valid))
+        with average.applied():
+            valid_auc = auc(valid.labels.numpy(), predict(model, features, valid))
+            if valid_auc > state["best_auc"]:
+                best = {}
+                best_skeleton = _model_state(model, best, "best")
+        average.reset()
         train_loss = state["loss_sum"] / max(state["loss_n"], 1)
         row = {"epoch": epoch + state["step"] / n_batches, "step": state["global_step"],
                "train_loss": train_loss, "valid_auc": valid_auc}
@@ -372,8 +463,6 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         if valid_auc > state["best_auc"]:
             state.update(best_auc=valid_auc, best_epoch=row["epoch"], best_step=row["step"],
                          stale=0)
-            best = {}
-            best_skeleton = _model_state(model, best, "best")
             return False
         if epoch >= config.table_warmup_epochs:  # the tables have not had their turn yet
             state["stale"] += 1
@@ -385,6 +474,8 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         epoch = state["epoch"]
         n_batches = source.num_batches(epoch)
         checks = validation_steps(n_batches, config.validations_per_epoch)
+        snapshots = snapshot_steps(checks, config.averaged_snapshots) \
+            if config.averaged_snapshots > 1 else set()
         for group in sparse_opt.param_groups:
             group["lr"] = table_learning_rate(config, epoch)
         sparse_opt.step()  # pushes the rate into the fused kernels (no update: no gradients)
@@ -402,6 +493,8 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             state["step"] += 1
             state["global_step"] += 1
             bar.update(1)
+            if state["step"] in snapshots:
+                average.add()
             if state["step"] in checks:  # validation time is not training time
                 state["train_seconds"] += time.perf_counter() - start
                 stop = validate(epoch, n_batches)

@@ -8,7 +8,8 @@ from ranker import (COMPARISONS, FeatureEncoder, IdVocab, ItemContent, RankerCon
                     auc, bootstrap_aucs, comparison_intervals, kjt_from_columns, lift_lost,
                     log_loss, normalized_entropy, quantization_loss, train_ranker)
 from ranker.data import InMemoryBatches
-from ranker.train import build_model, predict, table_learning_rate, train_step
+from ranker.train import (TailAverage, build_model, predict, snapshot_steps,
+                          table_learning_rate, train_step)
 
 
 def test_kjt_on_a_hand_drawn_batch():
@@ -120,7 +121,7 @@ def test_step_level_early_stopping_restores_the_best_validation(small_world, wor
     fe = FeatureEncoder(world_split.train, content, use_codes=True, use_dense_content=False)
     valid = fe.encode(world_split.valid)
     cfg = RankerConfig(epochs=3, patience=100, validations_per_epoch=4, lr_sparse=0.3,
-                       table_warmup_epochs=0)
+                       table_warmup_epochs=0, averaged_snapshots=1)
     result = train_ranker(fe, fe.encode(world_split.train), valid, cfg, progress=False)
     steps = [h["step"] for h in result.history]
     assert len(steps) == 12 and steps == sorted(steps)
@@ -137,6 +138,79 @@ def test_step_level_early_stopping_restores_the_best_validation(small_world, wor
     assert after_best == 2
 
 
+def test_tail_average_scores_the_mean_of_its_window_and_training_goes_on(small_world,
+                                                                      world_split):
+    """A validation scores (and keeps) the mean of its window's snapshots; the model
+    then holds the last step's weights again, and a checkpoint carries the window."""
+    assert snapshot_steps({25, 50, 75, 100}, 4) == {7, 13, 19, 25, 32, 38, 44, 50,
+                                                    57, 63, 69, 75, 82, 88, 94, 100}
+    assert snapshot_steps({3, 6}, 8) == {1, 2, 3, 4, 5, 6}  # a short window: every step
+    fe = FeatureEncoder(world_split.train, ItemContent(small_world.embeddings.item_ids,
+                                                       vectors=small_world.embeddings.vectors),
+                        use_codes=False, use_dense_content=True)
+    train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
+    cfg = RankerConfig(table_warmup_epochs=0)
+    model, sparse_opt, dense_opt = build_model(fe, cfg)
+    average = TailAverage(model)
+    source = InMemoryBatches(fe, train, batch_size=cfg.batch_size, seed=0)
+    snapshots = []
+    for step, batch in enumerate(source.batches(0)):
+        train_step(model, sparse_opt, dense_opt, batch)
+        if step % 5 == 4:
+            average.add()
+            snapshots.append([w.clone() for w in average.live])
+        if len(snapshots) == 3:
+            break
+    last = [w.clone() for w in average.live]
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], last))  # the weights moved
+    mean = [sum(ws) / 3 for ws in zip(*snapshots)]
+    with average.applied():
+        assert all(torch.allclose(w, m, atol=1e-6) for w, m in zip(average.live, mean))
+        scored = predict(model, fe, valid)
+    assert all(torch.equal(w, l) for w, l in zip(average.live, last))
+    tensors: dict[str, torch.Tensor] = {}
+    count = average.to_checkpoint(tensors)
+    resumed = TailAverage(model)
+    resumed.from_checkpoint(tensors, count)
+    with resumed.applied():
+        np.testing.assert_array_equal(predict(model, fe, valid), scored)
+    average.reset()
+    with average.applied():  # no snapshot in the window: the model's own weights
+        assert all(torch.equal(w, l) for w, l in zip(average.live, last))
+    # In training, the model returned is the one its best validation scored.
+    result = train_ranker(fe, train, valid, RankerConfig(epochs=2, averaged_snapshots=4),
+                          progress=False)
+    assert auc(valid.labels.numpy(), predict(result.model, fe, valid)) == \
+        pytest.approx(result.valid_auc, abs=1e-9)
+
+
+def test_the_content_vector_meets_every_id_in_a_slot_of_its_own(small_world, world_split):
+    """content_slot: the dense content vector gets an MLP of its own whose output is one
+    more interaction slot (a user . content dot), beside the bottom MLP's mix of content
+    and context; it trains, and a model without dense content has no such slot."""
+    content = ItemContent(small_world.embeddings.item_ids, vectors=small_world.embeddings.vectors)
+    fe = FeatureEncoder(world_split.train, content, use_codes=False, use_dense_content=True)
+    assert fe.content_in_features == small_world.embeddings.vectors.shape[1]
+    slots = len(fe.sparse_names)
+    with_slot = RankingModel.of(fe, RankerConfig())
+    without = RankingModel.of(fe, RankerConfig(content_slot=False))
+    over_in = lambda m: m.net.over_arch.model[0]._mlp[0]._linear.in_features  # noqa: E731
+    # DLRM: the dense slot, then F (+1) more; pairwise dots among them
+    assert over_in(without) == 16 + slots * (slots + 1) // 2
+    assert over_in(with_slot) == 16 + (slots + 1) * (slots + 2) // 2
+    assert without.content_arch is None and with_slot.content_arch is not None
+    dense, kjt, labels = fe.batch(fe.encode(world_split.train), torch.arange(256))
+    torch.nn.functional.binary_cross_entropy_with_logits(with_slot(dense, kjt), labels).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in with_slot.content_arch.parameters())
+    no_content = FeatureEncoder(world_split.train, content, use_codes=False,
+                                use_dense_content=False)
+    assert no_content.content_in_features == 0
+    assert RankingModel.of(no_content, RankerConfig()).content_arch is None
+    dcn = RankingModel.of(fe, RankerConfig(interaction="dcn"))
+    assert dcn(dense, kjt).shape == (256,)
+
+
 def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
     """lr_sparse_decay = 0: the tables learn in epoch 1 only, so two epochs end with the
     tables of one, whichever epoch validation picks."""
@@ -146,7 +220,7 @@ def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
 
     def tables(epochs: int, decay: float) -> dict[str, torch.Tensor]:
         cfg = RankerConfig(epochs=epochs, patience=epochs, lr_sparse_decay=decay,
-                           table_warmup_epochs=0)
+                           table_warmup_epochs=0, averaged_snapshots=1)
         model = train_ranker(fe, train, valid, cfg, progress=False).model
         return {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
 

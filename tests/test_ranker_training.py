@@ -213,8 +213,7 @@ def test_frequency_l2_pulls_each_row_by_one_over_its_count(crossed_features):
     assert set(id_l2.inverse_counts) == {"user_id", "item_id", "cat_position", "cat_device", cross}
 
     torch.manual_seed(0)
-    model = RankingModel(features.sparse_names, features.sparse_sizes, features.dense_in_features,
-                         RankerConfig())
+    model = RankingModel.of(features, RankerConfig())
     tables = model.net.sparse_arch.embedding_bag_collection.embedding_bags
     with torch.no_grad():
         for table in tables.values():

@@ -385,8 +385,7 @@ def test_bundle_round_trip_with_dense_content(world, tmp_path):
                         codebook_sizes=world["q"].codebook_sizes)
     features = FeatureEncoder(split.train, known, use_codes=True, use_dense_content=True)
     torch.manual_seed(0)
-    model = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, CONFIG)
+    model = RankingModel.of(features, CONFIG)
     ServableModel(model, features, CONFIG, quantizer=world["q"],
                   content_vectors="embedding").save(tmp_path / "m")
     loaded = ServableModel.load(tmp_path / "m")
@@ -416,8 +415,7 @@ def test_a_dense_only_model_scores_a_new_ad_from_its_embedding_without_a_quantiz
     known = ItemContent(world["items"][:N_KNOWN], vectors=world["x"][:N_KNOWN])
     features = FeatureEncoder(split.train, known, use_codes=False, use_dense_content=True)
     torch.manual_seed(0)
-    model = RankingModel(features.sparse_names, features.sparse_sizes,
-                         features.dense_in_features, CONFIG)
+    model = RankingModel.of(features, CONFIG)
     with pytest.raises(ValueError, match="needs the quantizer"):
         ServableModel(model, features, CONFIG, content_vectors="recon")
     ServableModel(model, features, CONFIG, content_vectors="embedding").save(tmp_path / "m")
