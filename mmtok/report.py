@@ -256,11 +256,19 @@ def _summary(metrics: dict) -> list[str]:
                    f"{_in_brackets(_sureness('task_ids_vs_ids', metrics))}; on cold rows "
                    f"{v['task_ids']['auc_cold'] - v['ids']['auc_cold']:+.4f}"
                    f"{_in_brackets(_sureness('task_ids_vs_ids_cold', metrics))}.")
-    if "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
+    throughput = metrics.get("throughput") or {}
+    if "ids" in (throughput.get("ratio") or {}):
+        one_pass = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
+        out.append(f"- Training throughput of `ids` is **{throughput['ratio']['ids']:.2f}x** "
+                   f"`no_content`'s (median over {throughput['rounds']} rounds of "
+                   f"{throughput['steps']}-step windows taken in turn, so load on a shared "
+                   f"machine hits both alike; {throughput['median']['ids']:,.0f} against "
+                   f"{throughput['median']['no_content']:,.0f} examples/s; the training "
+                   f"runs themselves, one pass each, gave {one_pass:.2f}x).")
+    elif "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
         ratio = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
         out.append(f"- Training throughput of `ids` is {ratio:.2f}x `no_content`'s in this run "
-                   "(one pass each, on a shared machine; `benchmarks/ranking_throughput.py` "
-                   "compares them in interleaved windows).")
+                   "(one pass each, on a shared machine).")
     if noise:
         out.append(f"- Seed-to-seed spread of AUC is up to {noise:.4f}: differences smaller "
                    "than that are not resolved by this run.")

@@ -19,6 +19,7 @@ Example ``job.toml``::
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -26,16 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
+from tqdm.auto import tqdm
 
 from mmdata.contracts import DataContractError, code_columns, read_codes, read_embeddings
 from quantizer import Quantizer, load_quantizer
 from ranker.bundle import ServableModel
-from ranker.data import InMemoryBatches, ParquetBatches
+from ranker.data import InMemoryBatches, ParquetBatches, Shard
 from ranker.experiment import VARIANTS
 from ranker.features import FeatureEncoder, ItemContent
 from ranker.metrics import ranking_metrics
 from ranker.model import RankerConfig, RankingModel
-from ranker.train import TrainResult, current_shard, predict, train_ranker, unshard_model
+from ranker.train import (TrainResult, build_model, current_shard, predict, train_ranker,
+                          train_step, unshard_model)
 
 # A trained job's test scores, one row per test event (user_id, item_id, label, is_cold,
 # prob), beside its metrics.json.
@@ -172,6 +176,76 @@ def _all_item_ids(job: TrainJob) -> np.ndarray:
     return ids["item_id"].to_numpy()
 
 
+def job_inputs(job: TrainJob, shard: Shard = Shard()
+               ) -> tuple[Quantizer | None, FeatureEncoder, InMemoryBatches | ParquetBatches]:
+    """``(quantizer, features, training batches)`` of a job: the quantizer its variant
+    reads codes with (None if none), the feature encoder fitted on its training events,
+    and this rank's batches of them (streamed from parquet, or in memory)."""
+    split = Path(job.split_dir)
+    variant = VARIANTS[job.variant]
+    quantizer = load_quantizer(job.quantizer) if variant.reads_codes else None
+    content = load_item_content(job, quantizer)
+    train_scan = pl.scan_parquet(split / "train.parquet")
+    features = FeatureEncoder.from_config(train_scan if job.streaming else train_scan.collect(),
+                                          content, job.ranker, use_codes=variant.codes,
+                                          use_dense_content=variant.dense is not None)
+    if job.streaming:
+        source = ParquetBatches(split / "train.parquet", features, batch_size=job.ranker.batch_size,
+                                seed=job.ranker.seed, shard=shard, buffer_groups=job.buffer_groups,
+                                data_shards=job.data_shards)
+    else:
+        train = features.encode(train_scan.collect(), where="train events")
+        source = InMemoryBatches(features, train, batch_size=job.ranker.batch_size,
+                                 seed=job.ranker.seed, shard=shard)
+    return quantizer, features, source
+
+
+def interleaved_train_rates(jobs: dict[str, TrainJob], *, steps: int = 200, rounds: int = 5,
+                            progress: bool = False) -> dict:
+    """Training examples/s of each job, measured as a ranking engineer compares variants
+    on a shared machine: windows of ``steps`` training steps (loader included, as in
+    training), taken in turn across the jobs, ``rounds`` times after one warm-up round,
+    so a burst of load hits every job alike.
+
+    Returns ``{"steps": .., "rounds": .., "rates": {name: [ex/s per round]},
+    "median": {name: ex/s}, "ratio": {name: median over rounds of name's rate over the
+    first job's in the same round}}``.
+    """
+    threads = torch.get_num_threads()
+    streams = {}
+    for name, job in jobs.items():
+        _, features, source = job_inputs(job)
+        model, sparse_opt, dense_opt = build_model(features, job.ranker)
+
+        def stream(source=source, dropout=job.ranker.item_id_dropout):
+            epoch = 0
+            while True:  # as many epochs as the windows need
+                yield from source.batches(epoch, item_id_dropout=dropout)
+                epoch += 1
+
+        streams[name] = (stream(), model, sparse_opt, dense_opt, job.ranker.num_threads)
+    rates: dict[str, list[float]] = {name: [] for name in jobs}
+    try:
+        for round_ in tqdm(range(rounds + 1), desc="throughput", disable=not progress,
+                           leave=False):
+            for name, (batches, model, sparse_opt, dense_opt, num_threads) in streams.items():
+                torch.set_num_threads(num_threads)
+                start, seen = time.perf_counter(), 0
+                for _ in range(steps):
+                    batch = next(batches)
+                    train_step(model, sparse_opt, dense_opt, batch)
+                    seen += len(batch[2])
+                if round_:  # the first round warms every job up
+                    rates[name].append(seen / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    first = next(iter(jobs))
+    return {"steps": steps, "rounds": rounds, "rates": rates,
+            "median": {name: statistics.median(r) for name, r in rates.items()},
+            "ratio": {name: statistics.median(a / b for a, b in zip(r, rates[first]))
+                      for name, r in rates.items()}}
+
+
 def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
                   stop_after_steps: int | None = None) -> dict:
     """Trains the job's variant, tests the best step's model, and exports it.
@@ -185,21 +259,8 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     out = Path(job.out)
     split = Path(job.split_dir)
     variant = VARIANTS[job.variant]
-    quantizer = load_quantizer(job.quantizer) if variant.reads_codes else None
-    content = load_item_content(job, quantizer)
-    train_scan = pl.scan_parquet(split / "train.parquet")
-    features = FeatureEncoder.from_config(train_scan if job.streaming else train_scan.collect(),
-                                          content, job.ranker, use_codes=variant.codes,
-                                          use_dense_content=variant.dense is not None)
+    quantizer, features, source = job_inputs(job, shard)
     valid = features.encode(pl.read_parquet(split / "valid.parquet"), where="validation events")
-    if job.streaming:
-        source = ParquetBatches(split / "train.parquet", features, batch_size=job.ranker.batch_size,
-                                seed=job.ranker.seed, shard=shard, buffer_groups=job.buffer_groups,
-                                data_shards=job.data_shards)
-    else:
-        train = features.encode(train_scan.collect(), where="train events")
-        source = InMemoryBatches(features, train, batch_size=job.ranker.batch_size,
-                                 seed=job.ranker.seed, shard=shard)
     started = time.perf_counter()
     trained: TrainResult = train_ranker(
         features, source, valid, job.ranker, progress=progress, desc=job.variant,

@@ -515,6 +515,14 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
     assert summary.startswith(("**Content's lift cannot be measured", "Content adds"))
     assert "comparisons.png" in report and (out / "comparisons.png").stat().st_size > 10_000
     assert "tables updated by row-wise Adagrad" in report  # the ranker config is named
+    # Throughput: ids against no_content in interleaved windows, round by round.
+    throughput = metrics["throughput"]
+    assert set(throughput["rates"]) == {"no_content", "ids"}
+    assert all(len(r) == throughput["rounds"] and min(r) > 0 for r in throughput["rates"].values())
+    ratios = [a / b for a, b in zip(throughput["rates"]["ids"], throughput["rates"]["no_content"])]
+    assert throughput["ratio"]["ids"] == pytest.approx(float(np.median(ratios)))
+    assert throughput["ratio"]["no_content"] == 1.0
+    assert f"Training throughput of `ids` is **{throughput['ratio']['ids']:.2f}x**" in report
     assert (out / "variant_auc.png").stat().st_size > 10_000
     # The split follows the protocol and the codes follow the contract.
     assert metrics["dataset"]["split"]["test"]["cold_rows"] > 0
