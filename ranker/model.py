@@ -90,6 +90,12 @@ class RankerConfig:
     # shows what it means; a row no training item reached stays silent) or "uniform"
     # (TorchRec's default, like the id tables).
     code_init: str = "zeros"
+    # The id tables' (user_id, item_id, cat_*) initial rows: TorchRec's uniform
+    # +-sqrt(1 / rows) times this. While the tables hold still (the warm-up) the MLPs
+    # otherwise learn the random dot products of untrained rows, and that range is widest
+    # for the smallest tables. Not 0: rows that all start at zero move only along the
+    # dense slot, and a model without dense content would stay rank one.
+    id_init_scale: float = 0.1
     # The content-ID column crossed with the user id in the ID variants (a row per user
     # and kind of content, which a user-vector . content-vector dot only approximates):
     # "coarsest" (the column with the fewest values), a column name, or "none".
@@ -124,6 +130,8 @@ class RankerConfig:
             raise ValueError(f"over_arch must end in 1 (the logit), got {self.over_arch}")
         if self.interaction not in ("dlrm", "dcn"):
             raise ValueError(f"interaction must be 'dlrm' or 'dcn', got {self.interaction!r}")
+        if not 0 < self.id_init_scale <= 1:
+            raise ValueError(f"id_init_scale must be in (0, 1], got {self.id_init_scale}")
         if self.code_init not in ("zeros", "uniform"):
             raise ValueError(f"code_init must be 'zeros' or 'uniform', got {self.code_init!r}")
         if not 0 <= self.table_warmup_epochs < self.epochs:
@@ -217,6 +225,11 @@ class RankingModel(nn.Module):
             for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
                 layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
             self.content_arch = nn.Sequential(*layers)
+        if config.id_init_scale != 1:
+            with torch.no_grad():
+                for name, table in ebc.embedding_bags.items():
+                    if not is_content_feature(name.removeprefix("t_")):
+                        table.weight.mul_(config.id_init_scale)
         if config.code_init == "zeros":
             with torch.no_grad():
                 for name, table in ebc.embedding_bags.items():

@@ -211,6 +211,29 @@ def test_the_content_vector_meets_every_id_in_a_slot_of_its_own(small_world, wor
     assert dcn(dense, kjt).shape == (256,)
 
 
+def test_id_rows_start_small_and_content_rows_silent(small_world, world_split, world_codes):
+    """id_init_scale narrows the id tables' initial range (TorchRec's +-sqrt(1/rows)), so
+    the MLPs have no loud random dot products to learn while the tables hold still; the
+    content-ID rows start at zero, and a scale of 0 (rows that could never differ) is
+    refused."""
+    q, codes = world_codes
+    content = ItemContent(small_world.embeddings.item_ids, codes=codes, code_names=q.code_names,
+                          codebook_sizes=q.codebook_sizes)
+    fe = FeatureEncoder(world_split.train, content, use_codes=True, use_dense_content=False)
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = RankingModel.of(fe, RankerConfig(id_init_scale=scale))
+        for name, table in model.net.sparse_arch.embedding_bag_collection.embedding_bags.items():
+            widest = float(table.weight.abs().max())
+            if name in ("t_user_id", "t_item_id"):
+                bound = scale * (1 / table.weight.shape[0]) ** 0.5
+                assert 0.5 * bound < widest <= bound, (name, scale, widest)
+            elif name == "t_content":
+                assert widest == 0
+    with pytest.raises(ValueError, match="id_init_scale"):
+        RankerConfig(id_init_scale=0)
+
+
 def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
     """lr_sparse_decay = 0: the tables learn in epoch 1 only, so two epochs end with the
     tables of one, whichever epoch validation picks."""
