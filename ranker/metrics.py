@@ -19,6 +19,30 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def paired_auc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray
+                          ) -> tuple[float, float]:
+    """``(AUC(a) - AUC(b), its standard error)`` for two scorings of the same rows, by
+    DeLong's method (DeLong, DeLong & Clarke-Pearson 1988): each positive's and each
+    negative's share of the pairs it wins under either scoring, and their covariance
+    between the two. NaN if one class only."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan"), float("nan")
+    wins_pos, wins_neg = [], []
+    for scores in (a, b):
+        scores = np.asarray(scores, dtype=np.float64)
+        every = rankdata(scores)
+        pos, neg = scores[labels], scores[~labels]
+        # A positive beats (rank among all) - (rank among positives) negatives.
+        wins_pos.append((every[labels] - rankdata(pos)) / n_neg)
+        wins_neg.append(1 - (every[~labels] - rankdata(neg)) / n_pos)
+    diff = float(wins_pos[0].mean() - wins_pos[1].mean())
+    var = (np.var(wins_pos[0] - wins_pos[1], ddof=1) / n_pos
+           + np.var(wins_neg[0] - wins_neg[1], ddof=1) / n_neg)
+    return diff, float(np.sqrt(max(var, 0.0)))
+
+
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
     y = np.asarray(labels, dtype=np.float64)

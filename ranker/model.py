@@ -46,6 +46,11 @@ class RankerConfig:
     # Stop after this many validations without a better AUC (not counting those of the
     # table warm-up: a model is not judged before its tables have learned).
     patience: int = 4
+    # Which validations count toward patience: "clearly_worse" (AUC below the best's by
+    # more than two standard errors of their paired difference, DeLong, on the same
+    # rows: a flat curve's noise alone does not end a run) or "not_better" (every
+    # validation without a better AUC).
+    patience_counts: str = "clearly_worse"
     # The weights a validation scores (and keeps, if best) are the mean of this many evenly
     # spaced snapshots of the steps since the previous validation, the last being the
     # current step (tail averaging, as SWA does): the last step alone carries the noise of
@@ -148,6 +153,9 @@ class RankerConfig:
             raise ValueError(f"lr_sparse_decay must be in [0, 1], got {self.lr_sparse_decay}")
         if self.id_l2_frequency < 0:
             raise ValueError(f"id_l2_frequency must be >= 0, got {self.id_l2_frequency}")
+        if self.patience_counts not in ("clearly_worse", "not_better"):
+            raise ValueError(f"patience_counts must be 'clearly_worse' or 'not_better', "
+                             f"got {self.patience_counts!r}")
         if self.averaged_snapshots < 1:
             raise ValueError(f"averaged_snapshots must be >= 1 (1: the last step's weights), "
                              f"got {self.averaged_snapshots}")

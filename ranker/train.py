@@ -22,7 +22,7 @@ from ranker.checkpoint import (CheckpointError, ShardedTensor, copy_into, flatte
                                unflatten_state)
 from ranker.data import InMemoryBatches, ParquetBatches, Shard
 from ranker.features import EncodedEvents, FeatureEncoder
-from ranker.metrics import auc
+from ranker.metrics import auc, paired_auc_difference
 from ranker.model import TABLE_OPTIMIZERS, RankerConfig, RankingModel
 
 
@@ -446,10 +446,12 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     def validate(epoch: int, n_batches: int) -> bool:
         """Scores the validation events, keeps the best step's weights; True: stop."""
         nonlocal best, best_skeleton
+        labels = valid.labels.numpy()
         with average.applied():
-            valid_auc = auc(valid.labels.numpy(), predict(model, features, valid))
+            probs = predict(model, features, valid)
+            valid_auc = auc(labels, probs)
             if valid_auc > state["best_auc"]:
-                best = {}
+                best = {"best/valid_probs": torch.from_numpy(probs)}
                 best_skeleton = _model_state(model, best, "best")
         average.reset()
         train_loss = state["loss_sum"] / max(state["loss_n"], 1)
@@ -464,8 +466,17 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             state.update(best_auc=valid_auc, best_epoch=row["epoch"], best_step=row["step"],
                          stale=0)
             return False
-        if epoch >= config.table_warmup_epochs:  # the tables have not had their turn yet
-            state["stale"] += 1
+        if epoch < config.table_warmup_epochs:  # the tables have not had their turn yet
+            return False
+        best_probs = best.get("best/valid_probs")  # absent in checkpoints of before
+        if config.patience_counts == "clearly_worse" and best_probs is not None:
+            # Worse than the best by more than two standard errors of the paired
+            # difference on these rows: on a small validation set, a flat curve's noise
+            # alone would otherwise end the run at a random step.
+            diff, se = paired_auc_difference(labels, probs, best_probs.numpy())
+            if not diff < -2 * se:
+                return False
+        state["stale"] += 1
         return state["stale"] >= config.patience
 
     model.train()

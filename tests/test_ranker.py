@@ -8,6 +8,7 @@ from ranker import (COMPARISONS, FeatureEncoder, IdVocab, ItemContent, RankerCon
                     auc, bootstrap_aucs, comparison_intervals, kjt_from_columns, lift_lost,
                     log_loss, normalized_entropy, quantization_loss, train_ranker)
 from ranker.data import InMemoryBatches
+from ranker.metrics import paired_auc_difference
 from ranker.train import (TailAverage, build_model, predict, snapshot_steps,
                           table_learning_rate, train_step)
 
@@ -133,9 +134,21 @@ def test_step_level_early_stopping_restores_the_best_validation(small_world, wor
     assert auc(valid.labels.numpy(), predict(result.model, fe, valid)) == pytest.approx(aucs[best])
     # patience counts validations: 2 without a better AUC end the run
     early = train_ranker(fe, fe.encode(world_split.train), valid,
-                         RankerConfig(**{**cfg.__dict__, "patience": 2}), progress=False)
+                         RankerConfig(**{**cfg.__dict__, "patience": 2,
+                                         "patience_counts": "not_better"}), progress=False)
     after_best = len(early.history) - 1 - int(np.argmax([h["valid_auc"] for h in early.history]))
     assert after_best == 2
+    # Counting only validations clearly worse than the best (beyond two standard errors
+    # of the paired difference) never ends a run sooner, and over 300 validation rows,
+    # whose noise hides this over-fitting, it runs every epoch.
+    clearly = train_ranker(fe, fe.encode(world_split.train), valid,
+                           RankerConfig(**{**cfg.__dict__, "patience": 2}), progress=False)
+    assert len(clearly.history) >= len(early.history)
+    small = fe.encode(world_split.valid.head(300))
+    noisy = [train_ranker(fe, fe.encode(world_split.train), small,
+                          RankerConfig(**{**cfg.__dict__, "patience": 2, "patience_counts": c}),
+                          progress=False) for c in ("not_better", "clearly_worse")]
+    assert len(noisy[0].history) < len(noisy[1].history) == 12
 
 
 def test_tail_average_scores_the_mean_of_its_window_and_training_goes_on(small_world,
@@ -232,6 +245,20 @@ def test_id_rows_start_small_and_content_rows_silent(small_world, world_split, w
                 assert widest == 0
     with pytest.raises(ValueError, match="id_init_scale"):
         RankerConfig(id_init_scale=0)
+
+
+def test_paired_auc_difference_matches_the_bootstrap():
+    rng = np.random.default_rng(0)
+    y = rng.random(4000) < 0.3
+    truth = rng.normal(size=4000) + 0.6 * y
+    a, b = truth + 0.5 * rng.normal(size=4000), truth + 0.8 * rng.normal(size=4000)
+    diff, se = paired_auc_difference(y, a, b)
+    assert diff == pytest.approx(auc(y, a) - auc(y, b), abs=1e-12)
+    rows = rng.integers(0, 4000, (300, 4000))
+    boot = [auc(y[r], a[r]) - auc(y[r], b[r]) for r in rows]
+    assert se == pytest.approx(np.std(boot), rel=0.2)
+    assert paired_auc_difference(y, b, a) == pytest.approx((-diff, se))
+    assert paired_auc_difference(y, a, a) == (0.0, 0.0)
 
 
 def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
