@@ -73,6 +73,11 @@ class RankerConfig:
     # proportion to how often it is seen. Loss += id_l2_frequency * mean over the batch of
     # sum_f ||row_f||^2 / count_f. 0: off. Its best value grows with the events per id.
     id_l2_frequency: float = 0.0
+    # Every epoch after the tables' first trained one starts with the tables (and their
+    # Adagrad sums) as that epoch found them, while the MLPs train on (MEDA, arXiv
+    # 2407.01607): rows that saw each example once cannot carry a second pass's
+    # memorisation, and the MLPs learn from a fresh embedding space each pass.
+    table_reinit_each_epoch: bool = False
     # L2 on the dense (MLP) weights.
     weight_decay: float = 1e-5
     # Share of training examples whose item id is replaced by the out-of-vocabulary

@@ -180,6 +180,11 @@ def _optimizer_state(opt: torch.optim.Optimizer, tensors: dict, prefix: str):
     return flatten_state(opt.state_dict(), prefix, tensors)
 
 
+def _table_state(model: nn.Module) -> dict:
+    """The model's sharded tables (each rank's shards), by state-dict key."""
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, ShardedTensor)}
+
+
 def _restore_optimizer(opt: torch.optim.Optimizer, skeleton, tensors: dict, where: str) -> None:
     saved = unflatten_state(skeleton, tensors)
     if isinstance(opt, torch.optim.Adam):  # the MLPs' optimizer: plain state, plain load
@@ -401,6 +406,10 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
              "train_seconds": 0.0, "avg_count": 0}
     best: dict[str, torch.Tensor] = {}
     best_skeleton = None
+    # table_reinit_each_epoch: the tables and their Adagrad state as the tables' first
+    # trained epoch found them, restored at the start of every later epoch.
+    fresh_tables: dict[str, torch.Tensor] = {}
+    fresh_skeleton = None
 
     if checkpoint_dir is not None:
         found = latest_checkpoint(checkpoint_dir, shard.world_size)
@@ -419,6 +428,8 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             _restore_optimizer(dense_opt, saved["dense_opt"], tensors, "dense optimizer")
             best = {k: v for k, v in tensors.items() if k.startswith("best/")}
             best_skeleton = saved["best"]
+            fresh_skeleton = saved.get("fresh_tables")
+            fresh_tables = {k: v for k, v in tensors.items() if k.startswith("fresh_")}
             state = saved["progress"]
             average.from_checkpoint(tensors, state.get("avg_count", 0))
             result.resumed = True
@@ -433,7 +444,9 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             return
         tensors: dict[str, torch.Tensor] = dict(best)
         state["avg_count"] = average.to_checkpoint(tensors)
+        tensors.update(fresh_tables)
         saved = {"world_size": shard.world_size, "progress": state, "best": best_skeleton,
+                 "fresh_tables": fresh_skeleton,
                  "model": _model_state(model, tensors, "model"),
                  "sparse_opt": _optimizer_state(sparse_opt, tensors, "sparse_opt"),
                  "dense_opt": _optimizer_state(dense_opt, tensors, "dense_opt")}
@@ -490,6 +503,17 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         for group in sparse_opt.param_groups:
             group["lr"] = table_learning_rate(config, epoch)
         sparse_opt.step()  # pushes the rate into the fused kernels (no update: no gradients)
+        if config.table_reinit_each_epoch and state["step"] == 0:
+            if epoch == config.table_warmup_epochs:
+                fresh_tables = {}
+                fresh_skeleton = {
+                    "tables": flatten_state(_table_state(model), "fresh_tables", fresh_tables),
+                    "opt": _optimizer_state(sparse_opt, fresh_tables, "fresh_opt")}
+            elif epoch > config.table_warmup_epochs and fresh_skeleton is not None:
+                copy_into(_table_state(model),
+                          unflatten_state(fresh_skeleton["tables"], fresh_tables), "tables")
+                _restore_optimizer(sparse_opt, fresh_skeleton["opt"], fresh_tables,
+                                   "table optimizer")
         bar = tqdm(total=n_batches, initial=state["step"], unit="batch", leave=False,
                    desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not progress,
                    mininterval=1.0)

@@ -261,6 +261,32 @@ def test_paired_auc_difference_matches_the_bootstrap():
     assert paired_auc_difference(y, a, a) == (0.0, 0.0)
 
 
+def test_table_reinit_starts_each_later_epoch_from_the_tables_first_pass_start(world_split):
+    """table_reinit_each_epoch (MEDA): one step into the third epoch, the tables are their
+    state at the start of their first trained epoch (the seeded initial rows, since the
+    warm-up held them) but for the rows that step touched; the MLPs are not reset."""
+    fe = FeatureEncoder(world_split.train, ItemContent(np.arange(10_000)), use_codes=False,
+                        use_dense_content=False)
+    train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
+    cfg = RankerConfig(epochs=3, patience=100, table_warmup_epochs=1)
+    n = InMemoryBatches(fe, train, batch_size=cfg.batch_size, seed=0).num_batches(0)
+    torch.manual_seed(cfg.seed)
+    initial = RankingModel.of(fe, cfg).state_dict()
+    kept = {}
+    for reinit in (True, False):
+        model = train_ranker(fe, train, valid, RankerConfig(**{**cfg.__dict__,
+                             "table_reinit_each_epoch": reinit}), progress=False,
+                             stop_after_steps=2 * n + 1).model
+        state = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+        items = state["net.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id.weight"]
+        rows = items.local_shards()[0].tensor
+        start = initial["net.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id.weight"]
+        kept[reinit] = float((rows == start).all(1).float().mean())
+        mlp = "net.over_arch.model.1.weight"
+        assert not torch.equal(state[mlp], initial[mlp])
+    assert kept[True] > 0.5 and kept[False] < 0.05, kept
+
+
 def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
     """lr_sparse_decay = 0: the tables learn in epoch 1 only, so two epochs end with the
     tables of one, whichever epoch validation picks."""
