@@ -33,7 +33,7 @@ import polars as pl
 import torch
 
 from ranker import FeatureEncoder, RankerConfig
-from ranker.data import ParquetBatches
+from ranker.data import ParquetBatches, endless_batches
 from ranker.job import TrainJob, load_item_content, load_ranker_config
 from ranker.train import build_model, train_step
 
@@ -82,14 +82,10 @@ class Bench:
         self.source = ParquetBatches(split / "train.parquet", features,
                                      batch_size=config.batch_size, seed=0)
         self.model, self.sparse_opt, self.dense_opt = build_model(features, config)
-        self.loader_stream, self.train_stream = self._stream(), self._stream()
+        self.loader_stream, self.train_stream = (
+            endless_batches(self.source, item_id_dropout=config.item_id_dropout)
+            for _ in range(2))
         self.rates: dict[str, list[float]] = {"loader": [], "train": []}
-
-    def _stream(self):
-        epoch = 0
-        while True:  # as many epochs as the windows need
-            yield from self.source.batches(epoch, item_id_dropout=0.1)
-            epoch += 1
 
     def window(self, kind: str, steps: int) -> float:
         """Examples/s over ``steps`` batches of the loader alone or loader + training step."""

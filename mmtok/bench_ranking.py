@@ -29,6 +29,10 @@ from ranker import RankerConfig, comparison_intervals, quantization_loss, rankin
 from quantizer.task_aware import DEFAULT_TASK_SIGNAL
 from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob, interleaved_train_rates
 
+# The variants whose training rates the bench compares in interleaved windows (the first
+# is the reference).
+THROUGHPUT_VARIANTS = ("no_content", "ids")
+
 # variant name -> (TrainJob variant, codes of which quantizer)
 CORE_VARIANTS = {"no_content": ("no_content", None), "dense": ("dense", None),
                  "recon": ("recon", "mmtok"), "ids": ("ids", "mmtok"),
@@ -142,7 +146,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     mlflow = start_tracking(out, labels.experiment)
     results: dict[str, dict] = {}
     test_rows, scores = None, {}  # the test rows' labels and coldness; variant -> (S, N)
-    first_seed_jobs: dict[str, TrainJob] = {}  # variant -> its job at the first ranker seed
+    # The jobs of the throughput stage (no_content and ids), at the first ranker seed.
+    timed_jobs: dict[str, TrainJob] = {}
     t = time.perf_counter()
     with mlflow.start_run(run_name=labels.run_name or f"bench-ranking-{embeddings_file.stem}") as parent:
         mlflow.log_params({"events": str(events_path), "item_embeddings": str(embeddings_path),
@@ -180,7 +185,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 runs[-1]["mlflow_run_id"], _ = log_train_run(
                     seeded, runs[-1], nested=True,
                     run_name=f"{name}-seed{ranker_seed}")
-            first_seed_jobs[name] = replace(job, ranker=replace(config, seed=ranker_seeds[0]))
+            if name in THROUGHPUT_VARIANTS:
+                timed_jobs[name] = replace(job, ranker=replace(config, seed=ranker_seeds[0]))
             scores[name] = np.stack(probs)  # (S, N)
             metrics = _mean_over_seeds(runs)
             results[name] = metrics
@@ -188,13 +194,12 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
         timings["rank_s"] = time.perf_counter() - t
         throughput = None
-        if {"no_content", "ids"} <= set(first_seed_jobs):
+        if len(timed_jobs) == len(THROUGHPUT_VARIANTS):
             # One pass per variant is at the mercy of a shared machine's load bursts; this
             # takes short windows of each in turn and compares them round by round.
             t = time.perf_counter()
             throughput = interleaved_train_rates(
-                {name: first_seed_jobs[name] for name in ("no_content", "ids")},
-                progress=progress)
+                {name: timed_jobs[name] for name in THROUGHPUT_VARIANTS}, progress=progress)
             timings["throughput_s"] = time.perf_counter() - t
             log(f"throughput: ids {throughput['ratio']['ids']:.2f}x no_content "
                 f"(median of {throughput['rounds']} interleaved rounds)")

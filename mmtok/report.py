@@ -384,6 +384,12 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
     ]
     lines += _summary(metrics)
     if ranker:
+        content_slot = ("; the dense content vector with an interaction slot of its own"
+                        if ranker.content_slot else "")
+        stale = ("clearly worse than the best, by two standard errors"
+                 if ranker.patience_counts == "clearly_worse" else "without a better AUC")
+        meda = (", and restarted from that point every later epoch (MEDA)"
+                if ranker.table_reinit_each_epoch else "")
         lines += [
             f"Ranker: {ranker.interaction.upper()} over TorchRec tables of width "
             f"{ranker.embedding_dim}; content IDs"
@@ -391,16 +397,12 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"{CONTENT_FEATURES[ranker.code_pooling]}"
             f"{_user_cross(ranker.user_code_cross)}, content-ID rows initialised "
             f"`{ranker.code_init}` and id rows at {ranker.id_init_scale:g}x TorchRec's "
-            f"uniform range"
-            f"{'; the dense content vector with an interaction slot of its own' if ranker.content_slot else ''}"
-            f"; tables updated by {TABLE_OPTIMIZER_NAMES[ranker.table_optimizer]}; "
+            f"uniform range{content_slot}; tables updated by "
+            f"{TABLE_OPTIMIZER_NAMES[ranker.table_optimizer]}; "
             f"global batch {ranker.batch_size}, "
             f"at most {ranker.epochs} epochs with early stopping on validation AUC "
-            f"(patience {ranker.patience} validations "
-            f"{'clearly worse than the best, by two standard errors' if ranker.patience_counts == 'clearly_worse' else 'without a better AUC'}"
-            f"), the tables held still for "
-            f"{_epochs(ranker.table_warmup_epochs)} while the MLPs warm up"
-            f"{', and restarted from that point every later epoch (MEDA)' if ranker.table_reinit_each_epoch else ''}; "
+            f"(patience {ranker.patience} validations {stale}), the tables held still for "
+            f"{_epochs(ranker.table_warmup_epochs)} while the MLPs warm up{meda}; "
             f"{metrics.get('nproc', 1)} process(es).",
             "",
         ]

@@ -238,3 +238,11 @@ def _take_rows(parts: list[tuple[EncodedEvents, torch.Tensor]]) -> EncodedEvents
         return EncodedEvents(*(getattr(events, f.name)[index] for f in fields(EncodedEvents)))
     return EncodedEvents(*(torch.cat([getattr(events, f.name)[index] for events, index in parts])
                            for f in fields(EncodedEvents)))
+
+
+def endless_batches(source: InMemoryBatches | ParquetBatches, *, item_id_dropout: float = 0.0):
+    """``source``'s batches epoch after epoch, for as many steps as a measurement needs."""
+    epoch = 0
+    while True:
+        yield from source.batches(epoch, item_id_dropout=item_id_dropout)
+        epoch += 1

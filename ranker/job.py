@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mmdata.contracts import DataContractError, code_columns, read_codes, read_embeddings
 from quantizer import Quantizer, load_quantizer
 from ranker.bundle import ServableModel
-from ranker.data import InMemoryBatches, ParquetBatches, Shard
+from ranker.data import InMemoryBatches, ParquetBatches, Shard, endless_batches
 from ranker.experiment import VARIANTS
 from ranker.features import FeatureEncoder, ItemContent
 from ranker.metrics import ranking_metrics
@@ -176,11 +176,13 @@ def _all_item_ids(job: TrainJob) -> np.ndarray:
     return ids["item_id"].to_numpy()
 
 
-def job_inputs(job: TrainJob, shard: Shard = Shard()
+def job_inputs(job: TrainJob, shard: Shard | None = None
                ) -> tuple[Quantizer | None, FeatureEncoder, InMemoryBatches | ParquetBatches]:
     """``(quantizer, features, training batches)`` of a job: the quantizer its variant
     reads codes with (None if none), the feature encoder fitted on its training events,
-    and this rank's batches of them (streamed from parquet, or in memory)."""
+    and this rank's batches of them (streamed from parquet, or in memory); ``shard``:
+    this process' rank (default: a world of one)."""
+    shard = shard or Shard()
     split = Path(job.split_dir)
     variant = VARIANTS[job.variant]
     quantizer = load_quantizer(job.quantizer) if variant.reads_codes else None
@@ -216,14 +218,8 @@ def interleaved_train_rates(jobs: dict[str, TrainJob], *, steps: int = 200, roun
     for name, job in jobs.items():
         _, features, source = job_inputs(job)
         model, sparse_opt, dense_opt = build_model(features, job.ranker)
-
-        def stream(source=source, dropout=job.ranker.item_id_dropout):
-            epoch = 0
-            while True:  # as many epochs as the windows need
-                yield from source.batches(epoch, item_id_dropout=dropout)
-                epoch += 1
-
-        streams[name] = (stream(), model, sparse_opt, dense_opt, job.ranker.num_threads)
+        streams[name] = (endless_batches(source, item_id_dropout=job.ranker.item_id_dropout),
+                         model, sparse_opt, dense_opt, job.ranker.num_threads)
     rates: dict[str, list[float]] = {name: [] for name in jobs}
     try:
         for round_ in tqdm(range(rounds + 1), desc="throughput", disable=not progress,
