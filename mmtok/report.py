@@ -347,7 +347,7 @@ def _user_cross(column: str) -> str:
     if column == "none":
         return ""
     named = "the coarsest content ID" if column == "coarsest" else f"the content ID `{column}`"
-    return f", the user crossed with {named} (ID variants)"
+    return f", the user crossed with {named} (ID variants without the dense vector's slot)"
 
 
 def _table_section(title: str, text: str, columns: list[str], numeric: int) -> list[str]:

@@ -287,11 +287,13 @@ class FeatureEncoder:
     @classmethod
     def from_config(cls, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, config, *,
                     use_codes: bool, use_dense_content: bool) -> "FeatureEncoder":
-        """The encoder a ``RankerConfig`` asks for (id counts, n-grams, code pruning)."""
+        """The encoder a ``RankerConfig`` asks for (id counts, n-grams, code pruning, and
+        the user cross only where no content slot carries the dense vector)."""
+        content_slot = use_dense_content and config.content_slot
         return cls(train, content, use_codes=use_codes, use_dense_content=use_dense_content,
                    min_count=config.min_id_count, prefix_ngrams=config.prefix_ngrams,
                    min_code_items=config.min_code_items, code_pooling=config.code_pooling,
-                   user_cross=config.user_code_cross if use_codes else "none",
+                   user_cross=config.user_code_cross if use_codes and not content_slot else "none",
                    standardize_content=config.standardize_content)
 
     def __init__(self, train: pl.DataFrame | pl.LazyFrame, content: ItemContent, *, use_codes: bool,

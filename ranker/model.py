@@ -108,7 +108,12 @@ class RankerConfig:
     id_init_scale: float = 0.1
     # The content-ID column crossed with the user id in the ID variants (a row per user
     # and kind of content, which a user-vector . content-vector dot only approximates):
-    # "coarsest" (the column with the fewest values), a column name, or "none".
+    # "coarsest" (the column with the fewest values), a column name, or "none". A variant
+    # that also feeds the dense content vector through its content slot takes no cross:
+    # that slot already gives the user's row a content signal from the first step, and
+    # the cross's rows, a few events each, only memorise them on the tables' second pass.
+    # Without the dense vector the cross is what the user meets content through while
+    # the content-ID rows start silent.
     user_code_cross: str = "coarsest"
     # The tables' fused optimizer: "rowwise_adagrad" (one Adagrad sum per row, as
     # production DLRMs train their tables; cheaper per step) or "adagrad" (per element).

@@ -627,6 +627,13 @@ def test_the_user_is_crossed_with_the_coarsest_content_id():
     assert named.sparse_names[-1] == "user_x_code_m_0" and named.sparse_sizes[-1] == 3 * 8
     assert FeatureEncoder.from_config(events, content, RankerConfig(), use_codes=False,
                                       use_dense_content=False).sparse_names == ["user_id", "item_id"]
+    # With the dense vector in its own slot (ids_dense) the cross is left out; without
+    # the slot the config's cross stands.
+    content.vectors = np.eye(3, 4, dtype=np.float32)
+    for slot, crossed in ((True, False), (False, True)):
+        both = FeatureEncoder.from_config(events, content, RankerConfig(content_slot=slot),
+                                          use_codes=True, use_dense_content=True)
+        assert ("user_x_code_s_0" in both.sparse_names) == crossed
     with pytest.raises(ValueError, match="user_cross must be"):
         FeatureEncoder(events, content, use_codes=True, use_dense_content=False, user_cross="code_x")
     with pytest.raises(ValueError, match="needs the content IDs"):
