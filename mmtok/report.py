@@ -467,7 +467,9 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         for key, value in loss.items():
             if key.startswith("content_") and not measurable:
                 continue  # a ratio over noise (the summary says so)
-            lines.append(f"| `{key}` | {labels.get(key, key)} | {value * 100:+.2f}% |")
+            variant = key.removeprefix("content_lift_lost_").removeprefix("lift_lost_")
+            named = f"{variant} vs dense" + (", over no_content" if key.startswith("content_") else "")
+            lines.append(f"| `{key}` | {labels.get(key, named)} | {value * 100:+.2f}% |")
     intervals = {k: e for k, e in (metrics.get("intervals") or {}).items()
                  if _content_measurable(metrics) or e["measure"] != "content_lift_lost"}
     if intervals:
