@@ -77,6 +77,9 @@ class ItemContent:
     codes: np.ndarray | None = None
     code_names: list[str] = field(default_factory=list)
     codebook_sizes: list[int] = field(default_factory=list)
+    # (n, d) float32 what each item's codes decode to (RankerConfig.code_init "decoded"),
+    # or None.
+    decoded: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
@@ -405,6 +408,35 @@ class FeatureEncoder:
         # What a batch gathers by content row.
         self._content_columns = self.content_features(content.codes) if self.use_codes else None
         self._vectors = torch.from_numpy(content.vectors) if self.use_dense_content else None
+
+    def decoded_rows(self, width: int) -> dict[str, np.ndarray]:
+        """Initial rows of each content-ID table (``RankerConfig.code_init = "decoded"``),
+        from what the training items' codes decode to: those vectors standardized,
+        projected onto their ``width`` top principal directions and scaled to unit mean
+        norm; a row is the mean projection of the training items whose IDs use it, over
+        the bag's length, so a known item's summed bag starts near its own projection and
+        a cold item's near its neighbours'. Rows no training item uses stay 0."""
+        decoded = self.content.decoded
+        if decoded is None:
+            raise ValueError("code_init 'decoded' needs ItemContent.decoded (what the codes "
+                             "decode to)")
+        rows, found = self.content.find(self.vocabs["item_id"].ids)
+        trained = np.unique(rows[found])  # content rows of the items training saw
+        x = decoded[trained].astype(np.float64)
+        x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-6)
+        _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 20_000)], full_matrices=False)
+        proj = x @ vt[:width].T  # (n, <= width)
+        proj /= np.sqrt(max((proj ** 2).sum(axis=1).mean(), 1e-12))
+        bags = self._content_columns.bags.numpy()[trained]
+        out, start = {}, 0
+        for name, size, length in zip(self.bag_names, self.bag_sizes, self._bag_lengths):
+            total, count = np.zeros((size, width)), np.zeros(size)
+            for k in range(start, start + length):
+                np.add.at(total[:, :proj.shape[1]], bags[:, k], proj)
+                np.add.at(count, bags[:, k], 1)
+            start += length
+            out[name] = (total / np.maximum(count, 1)[:, None] / length).astype(np.float32)
+        return out
 
     def content_features(self, codes: np.ndarray) -> ContentColumns:
         """Items' content IDs as the model reads them, from their raw codes: prefix

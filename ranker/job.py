@@ -163,10 +163,13 @@ def load_item_content(job: TrainJob, quantizer: Quantizer | None = None) -> Item
         vectors = emb.vectors[table["_row"].to_numpy()]
     elif variant.dense == "recon":  # what the IDs keep of the content: decode(codes)
         vectors = quantizer.decode(codes_arr).astype(np.float32)
+    decoded = None
+    if variant.codes and job.ranker.code_init == "decoded":
+        decoded = quantizer.decode(codes_arr).astype(np.float32)
     return ItemContent(item_ids, vectors=vectors,
                        codes=codes_arr if variant.codes else None,
                        code_names=code_names if variant.codes else [],
-                       codebook_sizes=sizes if variant.codes else [])
+                       codebook_sizes=sizes if variant.codes else [], decoded=decoded)
 
 
 def _all_item_ids(job: TrainJob) -> np.ndarray:

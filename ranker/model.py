@@ -96,10 +96,15 @@ class RankerConfig:
     # quantizer sums codewords), "per_scale" (one such feature per scale) or
     # "per_feature" (a slot per code and n-gram). Every ID value keeps rows of its own.
     code_pooling: str = "summed"
-    # Initial rows of the content-ID tables: "zeros" (a code says nothing until training
-    # shows what it means; a row no training item reached stays silent) or "uniform"
-    # (TorchRec's default, like the id tables).
-    code_init: str = "zeros"
+    # Initial rows of the content-ID tables: "decoded" (each ID's row starts as the mean
+    # of what the codes of the training items using it decode to, projected onto the
+    # decoded vectors' top principal directions: an item's summed bag starts as a
+    # low-dimensional view of its content, so the user's row meets content from the first
+    # step and a cold item starts where its codes' neighbours are; rows no training item
+    # uses stay 0), "zeros" (a code says nothing until training shows what it means) or
+    # "uniform" (TorchRec's default, like the id tables). With zero rows, the user x
+    # content dot of two near-zero factors sat on a plateau for epochs on the 1M world.
+    code_init: str = "decoded"
     # The id tables' (user_id, item_id, cat_*) initial rows: TorchRec's uniform
     # +-sqrt(1 / rows) times this. While the tables hold still (the warm-up) the MLPs
     # otherwise learn the random dot products of untrained rows, and that range is widest
@@ -108,13 +113,12 @@ class RankerConfig:
     id_init_scale: float = 0.1
     # The content-ID column crossed with the user id in the ID variants (a row per user
     # and kind of content, which a user-vector . content-vector dot only approximates):
-    # "coarsest" (the column with the fewest values), a column name, or "none". A variant
-    # that also feeds the dense content vector through its content slot takes no cross:
-    # that slot already gives the user's row a content signal from the first step, and
-    # the cross's rows, a few events each, only memorise them on the tables' second pass.
-    # Without the dense vector the cross is what the user meets content through while
-    # the content-ID rows start silent.
-    user_code_cross: str = "coarsest"
+    # "none", "coarsest" (the column with the fewest values) or a column name. Off by
+    # default: its rows see a few events each and memorise them on the tables' second
+    # pass, while the content-ID slot (rows "decoded") and the content slot already meet
+    # the user's row in a dot. A variant that feeds the dense content vector through its
+    # content slot never takes it.
+    user_code_cross: str = "none"
     # The tables' fused optimizer: "rowwise_adagrad" (one Adagrad sum per row, as
     # production DLRMs train their tables; cheaper per step) or "adagrad" (per element).
     table_optimizer: str = "rowwise_adagrad"
@@ -147,8 +151,9 @@ class RankerConfig:
             raise ValueError(f"interaction must be 'dlrm' or 'dcn', got {self.interaction!r}")
         if not 0 < self.id_init_scale <= 1:
             raise ValueError(f"id_init_scale must be in (0, 1], got {self.id_init_scale}")
-        if self.code_init not in ("zeros", "uniform"):
-            raise ValueError(f"code_init must be 'zeros' or 'uniform', got {self.code_init!r}")
+        if self.code_init not in ("decoded", "zeros", "uniform"):
+            raise ValueError(f"code_init must be 'decoded', 'zeros' or 'uniform', got "
+                             f"{self.code_init!r}")
         if not 0 <= self.table_warmup_epochs < self.epochs:
             raise ValueError(f"table_warmup_epochs must be in [0, epochs={self.epochs}), got "
                              f"{self.table_warmup_epochs}: the tables would never learn (raise "
@@ -248,7 +253,7 @@ class RankingModel(nn.Module):
                 for name, table in ebc.embedding_bags.items():
                     if not is_content_feature(name.removeprefix("t_")):
                         table.weight.mul_(config.id_init_scale)
-        if config.code_init == "zeros":
+        if config.code_init in ("zeros", "decoded"):  # "decoded" rows are set by .of
             with torch.no_grad():
                 for name, table in ebc.embedding_bags.items():
                     if is_content_feature(name.removeprefix("t_")):
@@ -259,8 +264,18 @@ class RankingModel(nn.Module):
            table_device: torch.device = torch.device("cpu")) -> "RankingModel":
         """The model for a fitted ``ranker.features.FeatureEncoder``: its tables, its
         dense input, and its content vector's slot (``config.content_slot``)."""
-        return cls(features.sparse_names, features.sparse_sizes, features.dense_in_features,
-                   config, table_device, content_in_features=features.content_in_features)
+        model = cls(features.sparse_names, features.sparse_sizes, features.dense_in_features,
+                    config, table_device, content_in_features=features.content_in_features)
+        # code_init "decoded": the content-ID rows start from what the training items'
+        # codes decode to (a trainer's encoder carries them; a loaded bundle's does not,
+        # and its weights replace these anyway).
+        if (config.code_init == "decoded" and features.bag_names
+                and features.content.decoded is not None and table_device.type != "meta"):
+            tables = model.net.sparse_arch.embedding_bag_collection.embedding_bags
+            with torch.no_grad():
+                for name, rows in features.decoded_rows(config.embedding_dim).items():
+                    tables[f"t_{name}"].weight.copy_(torch.from_numpy(rows))
+        return model
 
     def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor, *, with_embeddings: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -594,7 +594,7 @@ def test_a_content_bag_pools_what_separate_code_tables_summed_would():
             cols = [separate.sparse_names.index(name) for name in members]
             torch.testing.assert_close(got[:, slot], pooled[:, cols].sum(1))
     fe = encoder("summed")
-    silent = RankingModel(fe.sparse_names, fe.sparse_sizes, 1, RankerConfig())  # zeros
+    silent = RankingModel(fe.sparse_names, fe.sparse_sizes, 1, RankerConfig(code_init="zeros"))
     kjt = fe.batch(fe.encode(events), index)[1]
     assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 2]) == 0
     assert torch.count_nonzero(silent.net.sparse_arch(kjt)[:, 0]) > 0
@@ -611,7 +611,10 @@ def test_the_user_is_crossed_with_the_coarsest_content_id():
                           codebook_sizes=[4, 4, 8])
     events = pl.DataFrame({"user_id": [10, 20, 10], "item_id": [0, 1, 2], "ts": [0, 1, 2],
                            "label": [0, 1, 0]})
-    fe = FeatureEncoder.from_config(events, content, RankerConfig(), use_codes=True,
+    assert "user_x_code_s_0" not in FeatureEncoder.from_config(
+        events, content, RankerConfig(), use_codes=True, use_dense_content=False).sparse_names
+    crossed = RankerConfig(user_code_cross="coarsest")
+    fe = FeatureEncoder.from_config(events, content, crossed, use_codes=True,
                                     use_dense_content=False)
     assert fe.sparse_names == ["user_id", "item_id", "content", "user_x_code_s_0"]
     assert fe.sparse_sizes[-1] == 3 * 4  # (2 users + the unknown-user row) x 4 values
@@ -631,10 +634,53 @@ def test_the_user_is_crossed_with_the_coarsest_content_id():
     # the slot the config's cross stands.
     content.vectors = np.eye(3, 4, dtype=np.float32)
     for slot, crossed in ((True, False), (False, True)):
-        both = FeatureEncoder.from_config(events, content, RankerConfig(content_slot=slot),
+        both = FeatureEncoder.from_config(events, content,
+                                          RankerConfig(content_slot=slot, user_code_cross="coarsest"),
                                           use_codes=True, use_dense_content=True)
         assert ("user_x_code_s_0" in both.sparse_names) == crossed
     with pytest.raises(ValueError, match="user_cross must be"):
         FeatureEncoder(events, content, use_codes=True, use_dense_content=False, user_cross="code_x")
     with pytest.raises(ValueError, match="needs the content IDs"):
         FeatureEncoder(events, content, use_codes=False, use_dense_content=False, user_cross="coarsest")
+
+
+def test_decoded_rows_start_each_bag_at_its_items_content():
+    """code_init "decoded": an item's summed content bag starts as a low-dimensional view
+    of what its codes decode to, learned from the training items only."""
+    import polars as pl
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 6)) * 3
+    # 24 items: code_s_0 = cluster (4), code_s_1 = a refinement (3 values); item 23 alone
+    # uses code_s_1 = 3 and has no training events.
+    codes = np.array([[i % 4, (i // 4) % 3] for i in range(24)])
+    codes[23] = [3, 3]
+    decoded = (centers[codes[:, 0]] + 0.3 * rng.normal(size=(24, 6))).astype(np.float32)
+    content = ItemContent(np.arange(24), codes=codes, code_names=["code_s_0", "code_s_1"],
+                          codebook_sizes=[4, 4], decoded=decoded)
+    events = pl.DataFrame({"user_id": np.arange(23) % 5, "item_id": np.arange(23),
+                           "ts": np.arange(23), "label": np.arange(23) % 2})
+    fe = FeatureEncoder(events, content, use_codes=True, use_dense_content=False)
+    rows = fe.decoded_rows(4)["content"]  # code_s_0's 4 rows, then code_s_1's 4
+    assert rows.shape == (8, 4)
+    assert not rows[7].any() and rows[:7].any(axis=1).all()  # no training item uses s1=3
+
+    model = RankingModel.of(fe, RankerConfig(code_init="decoded"))
+    _, kjt, _ = fe.batch(fe.encode(events), torch.arange(23))
+    bags = model.net.sparse_arch(kjt)[:, 2].detach()  # (23, 16): the summed content slot
+    assert torch.count_nonzero(bags[:, 6:]) == 0  # 6-wide decoded vectors fill 6 of 16 dims
+    # Each item's nearest other item, by its starting bag, is in its own cluster.
+    distance = torch.cdist(bags, bags) + torch.eye(23) * 1e9
+    nearest = distance.argmin(dim=1).numpy()
+    assert (codes[nearest, 0] == codes[:23, 0]).all()
+    zeros = RankingModel.of(fe, RankerConfig(code_init="zeros"))
+    assert torch.count_nonzero(zeros.net.sparse_arch(kjt)[:, 2]) == 0
+    # Without decoded vectors (a bundle's encoder) the rows stay silent, and asking for
+    # them says why.
+    plain = FeatureEncoder(events, ItemContent(np.arange(24), codes=codes,
+                                               code_names=["code_s_0", "code_s_1"],
+                                               codebook_sizes=[4, 4]),
+                           use_codes=True, use_dense_content=False)
+    assert torch.count_nonzero(RankingModel.of(plain, RankerConfig()).net.sparse_arch(kjt)[:, 2]) == 0
+    with pytest.raises(ValueError, match="needs ItemContent.decoded"):
+        plain.decoded_rows(4)

@@ -168,8 +168,8 @@ def crossed_features(world_files):
     encoded training events."""
     train = pl.read_parquet(world_files["split"].train)
     content = load_item_content(_job(world_files, world_files["root"] / "unused"))
-    features = FeatureEncoder.from_config(train, content, RankerConfig(), use_codes=True,
-                                          use_dense_content=False)
+    features = FeatureEncoder.from_config(train, content, RankerConfig(user_code_cross="coarsest"),
+                                          use_codes=True, use_dense_content=False)
     return features, features.encode(train), train
 
 
@@ -243,7 +243,7 @@ def test_frequency_l2_pulls_each_row_by_one_over_its_count(crossed_features):
 def test_id_regularisers_train_end_to_end(tmp_path, world_files):
     """Both options run through DMP's fused table update; the logged loss is the BCE."""
     config = RankerConfig(epochs=2, patience=2, validations_per_epoch=1, id_l2_frequency=1.0,
-                          cross_id_dropout=0.2)
+                          cross_id_dropout=0.2, user_code_cross="coarsest")
     metrics = run_train_job(_job(world_files, tmp_path / "run", ranker=config, streaming=False),
                             progress=False)
     assert metrics["auc"] > 0.55
