@@ -24,7 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from quantizer.base import (as_rows, check_codes, check_input, read_quantizer_meta,
-                            write_quantizer_meta)
+                            single_threaded, write_quantizer_meta)
 
 
 def unpack_codes(packed: np.ndarray, nbits: list[int]) -> np.ndarray:
@@ -149,7 +149,8 @@ class FaissRQ(_SavedBaseline):
         # The index only carries the quantizer, so that faiss can serialize it.
         index = faiss.IndexResidualQuantizer(x.shape[1], nbits)
         index.rq.max_beam_size = self.beam_size
-        index.train(x)
+        with single_threaded():  # faiss' RQ trainer gives other codes on other thread counts
+            index.train(x)
         self.index, self.dim = index, x.shape[1]
         return self
 
@@ -205,7 +206,8 @@ class FaissPQ(_SavedBaseline):
         x = check_input(x)
         xp = self._pad(x)
         index = faiss.IndexPQ(xp.shape[1], self.n_sub, self.nbits[0])
-        index.train(xp)
+        with single_threaded():  # the same codebooks on any thread count
+            index.train(xp)
         self.index, self.dim = index, x.shape[1]
         return self
 
@@ -246,7 +248,8 @@ class KMeansQuantizer(_SavedBaseline):
         x = check_input(x)
         km = faiss.Kmeans(x.shape[1], self.codebook_sizes[0], niter=self.iters, seed=self.seed,
                           min_points_per_centroid=1)
-        km.train(x)
+        with single_threaded():  # the same centroids on any thread count
+            km.train(x)
         self.centroids, self.dim = km.centroids.astype(np.float32), x.shape[1]
         return self
 
