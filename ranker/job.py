@@ -158,18 +158,18 @@ def load_item_content(job: TrainJob, quantizer: Quantizer | None = None) -> Item
     if quantizer is not None:
         code_names, sizes = list(quantizer.code_names), list(quantizer.codebook_sizes)
         codes_arr = np.ascontiguousarray(table.select(code_names).to_numpy().astype(np.int64))
-    vectors = None
-    if variant.dense == "embedding":
-        vectors = emb.vectors[table["_row"].to_numpy()]
-    elif variant.dense == "recon":  # what the IDs keep of the content: decode(codes)
-        vectors = quantizer.decode(codes_arr).astype(np.float32)
-    decoded = None
-    if variant.codes and job.ranker.code_init == "decoded":
-        decoded = quantizer.decode(codes_arr).astype(np.float32)
+    # What the IDs keep of the content: the recon variant's dense input, and the content-ID
+    # rows' start under code_init "decoded".
+    starts_decoded = variant.codes and job.ranker.code_init == "decoded"
+    decoded = (quantizer.decode(codes_arr).astype(np.float32)
+               if variant.dense == "recon" or starts_decoded else None)
+    vectors = emb.vectors[table["_row"].to_numpy()] if variant.dense == "embedding" else (
+        decoded if variant.dense == "recon" else None)
     return ItemContent(item_ids, vectors=vectors,
                        codes=codes_arr if variant.codes else None,
                        code_names=code_names if variant.codes else [],
-                       codebook_sizes=sizes if variant.codes else [], decoded=decoded)
+                       codebook_sizes=sizes if variant.codes else [],
+                       decoded=decoded if starts_decoded else None)
 
 
 def _all_item_ids(job: TrainJob) -> np.ndarray:
