@@ -51,7 +51,7 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
     """``stability``: also fit the seeded quantizers (mmtok, k-means, LSH) with seed + 1
     and report ``ids_changed_across_seeds``, the share of held-out items whose full code
     tuple changes (trained ID rows downstream are keyed by these tuples). ``scale_mode``:
-    mmtok's scales as one "cascade" (default) or "parallel"."""
+    mmtok's scales "parallel" (default) or as one "cascade"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emb = read_embeddings(embeddings_path)

@@ -88,7 +88,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     read ("mmdict", or "rq-kmeans"). ``task_signal``: what the task-aware tokens of
     ``task_ids`` align with, from the training events only ("clicks" or
     "co_engagement", see ``quantizer.task_aware``; None: its default). ``scale_mode``:
-    mmdict's scales as one "cascade" (default) or "parallel". ``ranker_seeds``: train every variant once per seed
+    mmdict's scales "parallel" (default) or as one "cascade". ``ranker_seeds``: train every variant once per seed
     and report the mean of each metric (the per-seed test AUCs under ``auc_seeds``, their
     standard deviation under ``auc_std``); the split and the quantizers keep ``seed``. One
     run of a small dataset moves AUC by a few thousandths, more than some gaps the report

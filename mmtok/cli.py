@@ -219,9 +219,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def _scale_mode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-mode", choices=["cascade", "parallel"], default=None,
-                   help="mmdict's scales: cascade (default: S, then M on what S left, then L) "
-                        "or parallel (each scale quantizes the whole item, the scales kept "
-                        "apart by an orthogonality penalty)")
+                   help="mmdict's scales: parallel (default: each scale quantizes the whole "
+                        "item, the scales kept apart by an orthogonality penalty; better IDs "
+                        "for the ranker) or cascade (S, then M on what S left, then L; better "
+                        "reconstruction at equal bits)")
 
 
 

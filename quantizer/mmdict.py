@@ -5,13 +5,16 @@ arXiv 2209.11727) in the spirit of RQ-VAE (arXiv 2203.01941) and QINCo (ICML 202
 
 * **Scales** S, M, L with growing codebook sizes; each scale has ``levels`` levels, a
   *center* code then *residual* codes, so the default item carries 3 x 2 = 6 IDs.
-  ``mode="cascade"`` (default, chosen by measurement - see ``benchmarks/README.md``):
-  scale M quantizes what scale S left over, L what M left (one residual chain, as in
-  RQ-VAE semantic IDs), so S IDs are a coarse partition shared by many items and the
-  full tuple is nearly unique; codes are found by beam search over the chain.
-  ``mode="parallel"``: every scale quantizes the whole latent on its own; an
-  orthogonality penalty between the scales' codewords makes them describe different
-  things (M2D-BERT's complementary dictionaries), and the decoder reads all scales.
+  ``mode="parallel"`` (default, chosen by the ranking task - see ``benchmarks/README.md``):
+  every scale quantizes the whole latent on its own; an orthogonality penalty between
+  the scales' codewords makes them describe different things (M2D-BERT's complementary
+  dictionaries), and the decoder reads all scales. Each scale's center code is then a
+  partition of all items at its own granularity (16, 64, 256 regions), which a ranker's
+  ID rows generalise from.
+  ``mode="cascade"``: scale M quantizes what scale S left over, L what M left (one
+  residual chain, as in RQ-VAE semantic IDs), so only S IDs are a partition and the
+  full tuple is nearly unique; it reconstructs the embedding better at equal bits.
+  Codes are found by beam search over each residual chain.
 * **Encoder**: a linear map into a latent space (initialised to the data's principal
   axes), so encoding stays one matmul plus nearest-code searches (the fused kernel's job).
 * **Sparse activation + straight-through estimator**: each level's activations are a
@@ -67,7 +70,7 @@ class MmDictConfig:
     levels: int = 2
     # "cascade": scale s quantizes the residual of scales < s; "parallel": each scale
     # quantizes the whole latent, scales pushed apart by an orthogonality penalty.
-    mode: str = "cascade"
+    mode: str = "parallel"
     # Latent width (at most the input width; None keeps the input width). A narrower
     # latent trains faster but drops the variance outside its principal axes.
     latent_dim: int | None = None

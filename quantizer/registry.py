@@ -58,9 +58,9 @@ def build_quantizer(kind: str, *, seed: int, steps: int | None = None,
     simple baseline; its saved kind is "residual_kmeans", also accepted here). Unset arguments keep the config's
     defaults; ``q.config`` holds the result. ``task_signal`` ("co_engagement" or
     "clicks", mmdict only): task-aware tokens, fitted with the training events'
-    engagement (``quantizer.task_aware``). ``scale_mode`` (mmdict only): "cascade" (one
-    residual chain through the scales, the default) or "parallel" (each scale quantizes
-    the whole latent)."""
+    engagement (``quantizer.task_aware``). ``scale_mode`` (mmdict only): "parallel" (each
+    scale quantizes the whole latent, the default) or "cascade" (one residual chain
+    through the scales)."""
     layout = {k: v for k, v in {"scale_sizes": scale_sizes, "levels": levels}.items()
               if v is not None}
     if task_signal is not None and kind != "mmdict":

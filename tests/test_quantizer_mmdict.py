@@ -21,6 +21,12 @@ def fitted(clustered_embeddings):
     return MmDictQuantizer(small_config()).fit(clustered_embeddings, progress=False)
 
 
+@pytest.fixture(scope="module")
+def fitted_cascade(clustered_embeddings):
+    return MmDictQuantizer(small_config(mode="cascade")).fit(clustered_embeddings,
+                                                             progress=False)
+
+
 def test_round_trip_decode_equals_the_trained_output(fitted, clustered_embeddings):
     x = clustered_embeddings[:200]
     codes = fitted.encode(x)
@@ -95,9 +101,11 @@ def test_dead_codes_are_restarted(clustered_embeddings):
     assert restarted == 1 and net.codebooks[5].data[3].abs().max() < 100
 
 
-def test_parallel_mode_trains_too(clustered_embeddings):
-    q = MmDictQuantizer(small_config(mode="parallel", lr_codebooks=1e-3)).fit(
+@pytest.mark.parametrize("mode", ["parallel", "cascade"])
+def test_both_scale_modes_train(clustered_embeddings, mode):
+    q = MmDictQuantizer(small_config(mode=mode, lr_codebooks=1e-3)).fit(
         clustered_embeddings, progress=False)
+    assert q.config.mode == mode
     codes = q.encode(clustered_embeddings)
     assert quantizer_metrics(clustered_embeddings, codes, q.decode(codes),
                              q.codebook_sizes)["rel_mse"] < 0.5
@@ -144,19 +152,20 @@ def test_beam_search_never_loses_to_greedy(clustered_embeddings):
     assert error(beam).mean() < error(greedy).mean()
 
 
-def test_greedy_encode_runs_the_multiscale_op(clustered_embeddings):
+@pytest.mark.parametrize("mode", ["parallel", "cascade"])
+def test_greedy_encode_runs_the_multiscale_op(clustered_embeddings, mode):
     """Beam 1: encode goes through kernels.multiscale_encode (projection folded into the
     codes) and gives the reference's codes; the forward pass agrees with it."""
     from kernels.pytorch.pt_multiscale_encode import pytorch_multiscale_encode
 
-    q = MmDictQuantizer(small_config(steps=20, beam_size=1)).fit(clustered_embeddings,
-                                                                  progress=False)
+    q = MmDictQuantizer(small_config(steps=20, beam_size=1, mode=mode)).fit(
+        clustered_embeddings, progress=False)
     codes = q.encode(clustered_embeddings)
     net = q.net
     books = [[net.codebooks[j].detach() for j in levels] for levels in net._scale_slices()]
     with torch.no_grad():
         ref = pytorch_multiscale_encode(torch.from_numpy(clustered_embeddings), books,
-                                        (net.encoder.weight, net.encoder.bias), "cascade")
+                                        (net.encoder.weight, net.encoder.bias), mode)
         _, forward_codes, _ = net.eval()(torch.from_numpy(clustered_embeddings))
     assert np.array_equal(codes, ref.numpy())
     assert np.array_equal(codes, forward_codes.numpy())
@@ -175,8 +184,10 @@ def test_encode_tables_follow_weights_changed_in_place(clustered_embeddings):
 
 def test_straight_through_passes_the_identity_once(clustered_embeddings):
     """The encoder's gradient is the decoder's gradient at the quantized latent, taken
-    once: the soft assignment feeds the codebooks, not the encoder a second time."""
-    q = MmDictQuantizer(small_config(steps=1)).fit(clustered_embeddings, progress=False)
+    once: the soft assignment feeds the codebooks, not the encoder a second time (a
+    cascade: one chain, so one identity path)."""
+    q = MmDictQuantizer(small_config(steps=1, mode="cascade")).fit(clustered_embeddings,
+                                                                  progress=False)
     net = q.net.train()
     x = torch.from_numpy(clustered_embeddings[:64])
     z = net.encoder(x).detach().requires_grad_(True)
@@ -187,8 +198,10 @@ def test_straight_through_passes_the_identity_once(clustered_embeddings):
     torch.testing.assert_close(z.grad, zq.grad)
 
 
-def test_every_level_reconstructs_and_finer_levels_do_better(fitted, clustered_embeddings):
-    net = fitted.net.eval()
+def test_every_level_reconstructs_and_finer_levels_do_better(fitted_cascade,
+                                                            clustered_embeddings):
+    """A cascade's every prefix of the chain decodes, each finer one better."""
+    net = fitted_cascade.net.eval()
     with torch.no_grad():
         x = torch.from_numpy(clustered_embeddings)
         levels, _, _ = net(x, levels=True)
@@ -231,7 +244,7 @@ def test_codeword_sum_reconstruction_carries_the_ids(fitted, clustered_embedding
 def test_least_squares_refinement_lowers_the_held_out_error(clustered_embeddings):
     from quantizer.mmdict import MultiScaleResidualQuantizer
 
-    q = MmDictQuantizer(small_config())
+    q = MmDictQuantizer(small_config(mode="cascade"))  # the refit of one residual chain
     x = torch.from_numpy(clustered_embeddings)
     x_valid, x_train = x[:500], x[500:]
     q.net = MultiScaleResidualQuantizer(24, q.config)

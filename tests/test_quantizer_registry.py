@@ -104,9 +104,10 @@ def test_build_quantizer_by_command_line_name():
     assert (rq.config.seed, rq.config.scale_sizes, rq.config.levels) == (2, [8], 2)
     with pytest.raises(ValueError, match="choose 'mmdict', 'rq-kmeans'"):
         build_quantizer("faiss_rq", seed=0)
-    assert build_quantizer("mmdict", seed=0, scale_mode="parallel").config.mode == "parallel"
+    assert build_quantizer("mmdict", seed=0).config.mode == "parallel"  # the default
+    assert build_quantizer("mmdict", seed=0, scale_mode="cascade").config.mode == "cascade"
     assert build_quantizers([8, 16], 2, seed=0, steps=None,
-                            scale_mode="parallel")["mmtok"].config.mode == "parallel"
+                            scale_mode="cascade")["mmtok"].config.mode == "cascade"
     with pytest.raises(ValueError, match="mmdict option"):
         build_quantizer("rq-kmeans", seed=0, scale_mode="parallel")
 
