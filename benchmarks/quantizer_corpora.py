@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=50_000)
     parser.add_argument("--corpora", default="movielens,docstrings,synthetic")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale-mode", choices=["parallel", "cascade"], default=None,
+                        help="mmtok's scales (default: MmDict's default, parallel)")
     args = parser.parse_args()
     paths = build_corpora(args.out, args.docstrings, args.synthetic)
     summary = []
@@ -58,7 +60,7 @@ def main() -> None:
         print(f"\n== {name}")
         t = time.perf_counter()
         report = run_bench_quantizer(paths[name], args.out / name, scale_sizes=[16, 64, 256],
-                                     seed=args.seed, progress=True)
+                                     seed=args.seed, scale_mode=args.scale_mode, progress=True)
         q = report["quantizers"]
         mm, rq = q["mmtok"], q["faiss_rq"]
         summary.append((name, report["dataset"]["rows"], mm, rq, time.perf_counter() - t))
