@@ -275,6 +275,7 @@ def run_train_job(job: TrainJob, *, resume: bool = False, progress: bool = True,
     metrics.update(valid_auc=trained.valid_auc,
                    train_examples_per_s=trained.train_examples_per_s,
                    best_epoch=trained.best_epoch, best_step=trained.best_step,
+                   tables_restarted_from_epoch=trained.tables_restarted_from_epoch,
                    history=trained.history,
                    world_size=shard.world_size, resumed=trained.resumed,
                    wall_s=time.perf_counter() - started)

@@ -78,6 +78,13 @@ class RankerConfig:
     # 2407.01607): rows that saw each example once cannot carry a second pass's
     # memorisation, and the MLPs learn from a fresh embedding space each pass.
     table_reinit_each_epoch: bool = False
+    # MEDA switched on by the run itself: when patience first runs out (the model
+    # over-fits its tables' repeated passes), the best step's weights come back, the
+    # tables restart from their state at the start of their first trained epoch, and
+    # every later epoch restarts them so (as table_reinit_each_epoch does from the
+    # start); the run stops when patience runs out again, and the best step is the one
+    # kept, so a run whose tables needed several passes keeps what it had.
+    table_reinit_on_plateau: bool = True
     # L2 on the dense (MLP) weights.
     weight_decay: float = 1e-5
     # Share of training examples whose item id is replaced by the out-of-vocabulary

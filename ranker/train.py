@@ -40,6 +40,9 @@ class TrainResult:
     train_examples_per_s: float = 0.0
     # True when the run continued from a checkpoint.
     resumed: bool = False
+    # RankerConfig.table_reinit_on_plateau: the epoch from which the tables restarted
+    # each epoch (None: patience never ran out, or the option is off).
+    tables_restarted_from_epoch: int | None = None
 
 
 def current_shard() -> Shard:
@@ -358,6 +361,10 @@ def train_step(model: nn.Module, sparse_opt: torch.optim.Optimizer,
     return loss
 
 
+class _EndEpoch(Exception):
+    """Raised by a validation to end the epoch early (table_reinit_on_plateau)."""
+
+
 def train_ranker(features: FeatureEncoder, train: EncodedEvents | InMemoryBatches | ParquetBatches,
                  valid: EncodedEvents, config: RankerConfig, *, progress: bool = True,
                  desc: str = "train", checkpoint_dir: str | Path | None = None,
@@ -490,6 +497,12 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
             if not diff < -2 * se:
                 return False
         state["stale"] += 1
+        if (state["stale"] >= config.patience and config.table_reinit_on_plateau
+                and not config.table_reinit_each_epoch and not state.get("reinit")
+                and fresh_skeleton is not None):
+            _restore_model(model, best_skeleton, best, "best model")
+            state.update(reinit=True, stale=0, reinit_epoch=epoch + 1)
+            raise _EndEpoch
         return state["stale"] >= config.patience
 
     model.train()
@@ -503,13 +516,15 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
         for group in sparse_opt.param_groups:
             group["lr"] = table_learning_rate(config, epoch)
         sparse_opt.step()  # pushes the rate into the fused kernels (no update: no gradients)
-        if config.table_reinit_each_epoch and state["step"] == 0:
+        reinit = config.table_reinit_each_epoch or config.table_reinit_on_plateau
+        if reinit and state["step"] == 0:
             if epoch == config.table_warmup_epochs:
                 fresh_tables = {}
                 fresh_skeleton = {
                     "tables": flatten_state(_table_state(model), "fresh_tables", fresh_tables),
                     "opt": _optimizer_state(sparse_opt, fresh_tables, "fresh_opt")}
-            elif epoch > config.table_warmup_epochs and fresh_skeleton is not None:
+            elif (epoch > config.table_warmup_epochs and fresh_skeleton is not None
+                  and (config.table_reinit_each_epoch or state.get("reinit"))):
                 copy_into(_table_state(model),
                           unflatten_state(fresh_skeleton["tables"], fresh_tables), "tables")
                 _restore_optimizer(sparse_opt, fresh_skeleton["opt"], fresh_tables,
@@ -532,7 +547,11 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
                 average.add()
             if state["step"] in checks:  # validation time is not training time
                 state["train_seconds"] += time.perf_counter() - start
-                stop = validate(epoch, n_batches)
+                try:
+                    stop = validate(epoch, n_batches)
+                except _EndEpoch:  # table_reinit_on_plateau: the next epoch restarts them
+                    start = time.perf_counter()
+                    break
                 start = time.perf_counter()
             if stop or state["step"] == n_batches:
                 break
@@ -556,6 +575,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
     result.history = state["history"]
     result.best_epoch = state["best_epoch"]
     result.best_step = state["best_step"]
+    result.tables_restarted_from_epoch = state.get("reinit_epoch")
     result.valid_auc = state["best_auc"]
     result.train_examples_per_s = state["seen"] / max(state["train_seconds"], 1e-9)
     return result

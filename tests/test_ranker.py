@@ -287,6 +287,36 @@ def test_table_reinit_starts_each_later_epoch_from_the_tables_first_pass_start(w
     assert kept[True] > 0.5 and kept[False] < 0.05, kept
 
 
+def test_table_reinit_on_plateau_restarts_the_tables_once_patience_runs_out(world_split):
+    """table_reinit_on_plateau: where patience would end the run, it goes on from the
+    best step's weights, and the next epoch starts from the tables' first-pass start (the
+    seeded rows, but for those its first step touched); the kept step is never worse."""
+    fe = FeatureEncoder(world_split.train, ItemContent(np.arange(10_000)), use_codes=False,
+                        use_dense_content=False)
+    train, valid = fe.encode(world_split.train), fe.encode(world_split.valid)
+    cfg = RankerConfig(epochs=6, patience=1, patience_counts="not_better",
+                       validations_per_epoch=1, table_warmup_epochs=1)
+    plain = train_ranker(fe, train, valid, RankerConfig(**{**cfg.__dict__,
+                         "table_reinit_on_plateau": False}), progress=False)
+    restarted = train_ranker(fe, train, valid, cfg, progress=False)
+    first = restarted.tables_restarted_from_epoch
+    assert plain.tables_restarted_from_epoch is None
+    assert first is not None and first < cfg.epochs  # the plain run stopped early
+    assert len(restarted.history) > len(plain.history)
+    assert restarted.history[:len(plain.history)] == plain.history  # the same run until then
+    assert restarted.valid_auc >= plain.valid_auc
+
+    n = InMemoryBatches(fe, train, batch_size=cfg.batch_size, seed=0).num_batches(0)
+    torch.manual_seed(cfg.seed)
+    initial = RankingModel.of(fe, cfg).state_dict()
+    model = train_ranker(fe, train, valid, cfg, progress=False,
+                         stop_after_steps=first * n + 1).model
+    state = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+    key = "net.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id.weight"
+    rows = state[key].local_shards()[0].tensor
+    assert float((rows == initial[key]).all(1).float().mean()) > 0.5
+
+
 def test_sparse_learning_rate_decay_reaches_the_fused_table_update(world_split):
     """lr_sparse_decay = 0: the tables learn in epoch 1 only, so two epochs end with the
     tables of one, whichever epoch validation picks."""
