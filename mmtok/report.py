@@ -389,7 +389,10 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
         stale = ("clearly worse than the best, by two standard errors"
                  if ranker.patience_counts == "clearly_worse" else "without a better AUC")
         meda = (", and restarted from that point every later epoch (MEDA)"
-                if ranker.table_reinit_each_epoch else "")
+                if ranker.table_reinit_each_epoch else
+                ", and, once patience first runs out, restarted from that point every later "
+                "epoch under the best step's MLPs (MEDA on plateau)"
+                if ranker.table_reinit_on_plateau else "")
         lines += [
             f"Ranker: {ranker.interaction.upper()} over TorchRec tables of width "
             f"{ranker.embedding_dim}; content IDs"
