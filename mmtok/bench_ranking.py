@@ -324,11 +324,16 @@ def _oracle(test_path: Path, results: dict[str, dict]) -> dict | None:
 
 
 def _mean_over_seeds(runs: list[dict]) -> dict:
-    """Numeric metrics averaged over seeded runs; the first run's history."""
+    """Numeric metrics averaged over seeded runs; the first run's history; a metric that
+    some runs leave empty (``tables_restarted_from_epoch``: None where patience never ran
+    out) as the list of each run's."""
     out = dict(runs[0])
-    for key, value in runs[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = float(np.mean([r[key] for r in runs]))
+    for key in runs[0]:
+        values = [r.get(key) for r in runs]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = float(np.mean(values))
+        elif any(v is None for v in values):
+            out[key] = values
     out["auc_seeds"] = [r["auc"] for r in runs]
     out["auc_cold_seeds"] = [r["auc_cold"] for r in runs]
     # The sample standard deviation (n - 1): with three seeds the population one reads

@@ -550,3 +550,18 @@ def test_bench_ranking_bad_inputs_are_clear_errors(tmp_path, world_files, capsys
                  "--item-embeddings", str(world_files["item_embeddings"]),
                  "--out", str(tmp_path / "b3"), "--levels", "0", "--quiet"]) == 2
     assert "levels >= 1" in capsys.readouterr().err
+
+
+def test_seed_means_keep_a_metric_some_seeds_leave_empty_per_seed():
+    """bench-ranking's mean over seeds: a metric only some runs have (the epoch the tables
+    restarted from, None where patience never ran out) stays a per-seed list."""
+    from mmtok.bench_ranking import _mean_over_seeds
+
+    runs = [{"auc": 0.70, "auc_cold": 0.60, "tables_restarted_from_epoch": 4},
+            {"auc": 0.72, "auc_cold": 0.62, "tables_restarted_from_epoch": None},
+            {"auc": 0.74, "auc_cold": 0.64, "tables_restarted_from_epoch": 5}]
+    mean = _mean_over_seeds(runs)
+    assert mean["auc"] == pytest.approx(0.72) and mean["auc_seeds"] == [0.70, 0.72, 0.74]
+    assert mean["tables_restarted_from_epoch"] == [4, None, 5]
+    both = _mean_over_seeds([{**runs[0], "tables_restarted_from_epoch": 3}, runs[0]])
+    assert both["tables_restarted_from_epoch"] == 3.5
