@@ -498,10 +498,10 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
                 return False
         state["stale"] += 1
         if (state["stale"] >= config.patience and config.table_reinit_on_plateau
-                and not config.table_reinit_each_epoch and not state.get("reinit")
+                and not config.table_reinit_each_epoch and state.get("reinit_epoch") is None
                 and fresh_skeleton is not None):
             _restore_model(model, best_skeleton, best, "best model")
-            state.update(reinit=True, stale=0, reinit_epoch=epoch + 1)
+            state.update(stale=0, reinit_epoch=epoch + 1)
             raise _EndEpoch
         return state["stale"] >= config.patience
 
@@ -524,7 +524,7 @@ def _train(features, train, valid, config, *, progress, desc, checkpoint_dir, ch
                     "tables": flatten_state(_table_state(model), "fresh_tables", fresh_tables),
                     "opt": _optimizer_state(sparse_opt, fresh_tables, "fresh_opt")}
             elif (epoch > config.table_warmup_epochs and fresh_skeleton is not None
-                  and (config.table_reinit_each_epoch or state.get("reinit"))):
+                  and (config.table_reinit_each_epoch or state.get("reinit_epoch") is not None)):
                 copy_into(_table_state(model),
                           unflatten_state(fresh_skeleton["tables"], fresh_tables), "tables")
                 _restore_optimizer(sparse_opt, fresh_skeleton["opt"], fresh_tables,
