@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mmdata import ORACLE_COLUMN, read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
-from mmtok.train_cmd import launch_train_job, log_train_run
+from mmtok.train_cmd import default_train_workers, launch_train_jobs, log_train_run
 from quantizer import (Engagement, build_quantizer, build_quantizers, encode_items,
                        quantizer_metrics, save_quantizer)
 from ranker import RankerConfig, comparison_intervals, quantization_loss, ranking_metrics
@@ -78,7 +78,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                       baselines: list[str] | None = None, scale_sizes: list[int] | None = None,
                       levels: int = 2, quantizer: str = "mmdict", quantizer_steps: int | None = None,
                       task_signal: str | None = None, scale_mode: str | None = None,
-                      nproc: int = 1, seed: int = 0, ranker_seeds=DEFAULT_SEEDS,
+                      nproc: int = 1, workers: int | None = None, seed: int = 0,
+                      ranker_seeds=DEFAULT_SEEDS,
                       streaming: bool = True, progress: bool = True,
                       labels: ReportLabels | None = None,
                       timings: dict[str, float] | None = None) -> dict:
@@ -95,8 +96,9 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     is read for, and the intervals draw the seeds too. ``timings``: earlier stages'
     seconds, reported with the bench's.
 
-    Every variant and seed is one ``TrainJob`` run by ``mmtok.train_cmd.launch_train_job``,
-    here or under torchrun (``nproc``); each leaves its servable model under
+    Every variant and seed is one ``TrainJob`` run by ``mmtok.train_cmd.launch_train_jobs``,
+    ``workers`` at a time (None: as many as the cores hold, see ``default_train_workers``),
+    each here or under torchrun (``nproc``); each leaves its servable model under
     ``variants/<name>/seed-<seed>/model``, and when ``ids`` runs, ``OUT/job.toml`` is its
     first seed's job, to retrain.
     """
@@ -161,7 +163,8 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                            **flat_params("quantizer", asdict(quantizers["mmtok"].config))})
         mlflow.log_metrics({f"quantizer.{name}.{k}": v for name, m in qmetrics.items()
                             for k, v in m.items() if isinstance(v, (int, float))})
-        for name in tqdm(variants, desc="variants", disable=not progress, leave=False):
+        jobs: dict[str, list[TrainJob]] = {}
+        for name in variants:
             job_variant, qname = table[name]
             job = TrainJob(
                 split_dir=str(root / "split"), out=str(root / "variants" / name),
@@ -169,29 +172,40 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                 item_codes=str(codes_files[qname]) if qname else None,
                 quantizer=str(quantizer_dirs[qname]) if qname else None,
                 streaming=streaming, ranker=config)
+            jobs[name] = [replace(job, ranker=replace(config, seed=ranker_seed),
+                                  out=f"{job.out}/seed-{ranker_seed}")
+                          for ranker_seed in ranker_seeds]
+            if name == STARTER_VARIANT:
+                (out / "job.toml").write_text(
+                    replace(jobs[name][0], out=str(root / "retrain" / name)).to_toml())
+            if name in THROUGHPUT_VARIANTS:
+                timed_jobs[name] = replace(job, ranker=replace(config, seed=ranker_seeds[0]))
+        workers = workers or default_train_workers(config.num_threads, nproc)
+        log(f"training {len(variants)} variants x {len(ranker_seeds)} seeds, "
+            f"{workers} at a time")
+        trained = launch_train_jobs([j for name in variants for j in jobs[name]],
+                                    workers=workers, nproc=nproc,
+                                    progress=progress and workers == 1, keep_checkpoints=False)
+        bar = tqdm(total=len(variants) * len(ranker_seeds), desc="training runs", unit="run",
+                   disable=not progress or workers == 1, leave=False)
+        for name in variants:
             runs, probs = [], []
-            for ranker_seed in ranker_seeds:
-                seeded = replace(job, ranker=replace(config, seed=ranker_seed),
-                                 out=f"{job.out}/seed-{ranker_seed}")
-                if name == STARTER_VARIANT and not runs:
-                    (out / "job.toml").write_text(
-                        replace(seeded, out=str(root / "retrain" / name)).to_toml())
-                runs.append(launch_train_job(seeded, nproc=nproc, progress=progress,
-                                             keep_checkpoints=False))
+            for seeded in jobs[name]:
+                runs.append(next(trained))
+                bar.update(1)
                 predicted = pl.read_parquet(Path(seeded.out) / PREDICTIONS_FILE)
                 test_rows = predicted.select("label", "is_cold") if test_rows is None else test_rows
                 probs.append(predicted["prob"].to_numpy())
                 # One nested MLflow run per trained model, with its servable model.
                 runs[-1]["mlflow_run_id"], _ = log_train_run(
                     seeded, runs[-1], nested=True,
-                    run_name=f"{name}-seed{ranker_seed}")
-            if name in THROUGHPUT_VARIANTS:
-                timed_jobs[name] = replace(job, ranker=replace(config, seed=ranker_seeds[0]))
+                    run_name=f"{name}-seed{seeded.ranker.seed}")
             scores[name] = np.stack(probs)  # (S, N)
             metrics = _mean_over_seeds(runs)
             results[name] = metrics
             log(f"{name:>14}: test AUC {metrics['auc']:.4f} (warm {metrics['auc_warm']:.4f}, "
                 f"cold {metrics['auc_cold']:.4f}), {metrics['train_examples_per_s']:,.0f} ex/s")
+        bar.close()
         timings["rank_s"] = time.perf_counter() - t
         throughput = None
         if len(timed_jobs) == len(THROUGHPUT_VARIANTS):
@@ -226,6 +240,7 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
             "oracle": oracle,
             "throughput": throughput,
             "nproc": nproc,
+            "train_workers": workers,
             "ranker": asdict(config),
             "ranker_seeds": list(ranker_seeds),
             "timings": timings,

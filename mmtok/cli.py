@@ -194,7 +194,7 @@ def cmd_bench_ranking(args: argparse.Namespace) -> None:
                       scale_sizes=args.scale_sizes, levels=args.levels,
                       quantizer=args.quantizer, quantizer_steps=args.quantizer_steps,
                       task_signal=args.task_signal, scale_mode=args.scale_mode,
-                      nproc=args.nproc, seed=args.seed,
+                      nproc=args.nproc, workers=args.jobs, seed=args.seed,
                       ranker_seeds=args.seeds, streaming=not args.in_memory,
                       progress=not args.quiet)
 
@@ -401,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "events only: clicks (a small click model, default) or co_engagement "
                         "(items clicked by the same users pulled together)")
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes per variant")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training runs side by side, each in a process of its own (default: "
+                        "the cores, over each run's --nproc x the ranker's num_threads; "
+                        "1: one by one in this process)")
     p.add_argument("--in-memory", action="store_true", help="load training events in memory")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2],
                    help="train each variant once per ranker seed and report means, with "

@@ -10,10 +10,13 @@ and ``mmtok bench-ranking`` run every variant and seed through it.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,7 +80,7 @@ def log_train_run(job: TrainJob, metrics: dict, *, run_name: str, nested: bool =
 
 
 def launch_train_job(job: TrainJob, *, nproc: int = 1, progress: bool = True,
-              keep_checkpoints: bool = True) -> dict:
+                     keep_checkpoints: bool = True) -> dict:
     """Trains one job, in this process (``nproc`` 1) or under ``torchrun`` with ``nproc``
     gloo/nccl processes; returns its metrics. ``keep_checkpoints=False`` deletes a
     finished run's checkpoints (they serve ``--resume`` only; the model stays)."""
@@ -100,6 +103,36 @@ def launch_train_job(job: TrainJob, *, nproc: int = 1, progress: bool = True,
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return metrics
+
+
+def default_train_workers(num_threads: int, nproc: int = 1) -> int:
+    """How many training runs fit side by side: the cores this process may use, over
+    the cores one run takes (its ``num_threads`` in each of its ``nproc`` processes)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, num_threads * nproc))
+
+
+def launch_train_jobs(jobs: list[TrainJob], *, workers: int = 1, nproc: int = 1,
+                      progress: bool = True, keep_checkpoints: bool = True) -> Iterator[dict]:
+    """Trains independent jobs (a bench's variants and seeds), ``workers`` at a time,
+    and yields their metrics in the jobs' order, each as soon as it and those before it
+    are done. One worker trains them here, one by one, as ``launch_train_job`` does.
+    More train them, quiet, in as many worker processes (started fresh, each importing
+    the stack once and then taking one job after another); a run is seeded and
+    single-process deterministic, so its results are those it has when run alone."""
+    if workers <= 1:
+        for job in jobs:
+            yield launch_train_job(job, nproc=nproc, progress=progress,
+                                   keep_checkpoints=keep_checkpoints)
+        return
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                               mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(launch_train_job, job, nproc=nproc, progress=False,
+                               keep_checkpoints=keep_checkpoints) for job in jobs]
+        for future in futures:
+            yield future.result()
+    finally:  # on an error, or a caller that stops early: no new runs start
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_train_command(config: Path, *, resume: bool, progress: bool, out: Path | None = None,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,33 @@ def test_checkpoints_refuse_corruption_and_never_start_over_silently(tmp_path, w
         run_train_job(fresh, progress=False, resume=True)
 
 
+def test_training_runs_side_by_side_give_the_runs_one_by_one(tmp_path, world_files):
+    """launch_train_jobs with two workers (worker processes) yields the
+    same metrics and test predictions, in the jobs' order, as the runs one by one here."""
+    from mmtok.train_cmd import launch_train_jobs
+
+    def jobs(where: str) -> list[TrainJob]:
+        return [_job(world_files, tmp_path / where / f"{variant}-{seed}", variant=variant,
+                     ranker=RankerConfig(epochs=2, patience=1, seed=seed))
+                for variant, seed in (("ids", 0), ("no_content", 1), ("ids", 1))]
+
+    alone = list(launch_train_jobs(jobs("alone"), workers=1, progress=False))
+    side_by_side = list(launch_train_jobs(jobs("pool"), workers=2, progress=False))
+    assert [m["auc"] for m in side_by_side] == [m["auc"] for m in alone]
+    assert len({m["auc"] for m in alone}) == 3  # three different runs, in order
+    for a, b in zip(jobs("alone"), jobs("pool")):
+        assert pl.read_parquet(Path(a.out) / PREDICTIONS_FILE).equals(
+            pl.read_parquet(Path(b.out) / PREDICTIONS_FILE))
+
+
+def test_training_runs_side_by_side_report_a_failed_run(tmp_path, world_files):
+    from mmtok.train_cmd import launch_train_jobs
+
+    broken = replace(_job(world_files, tmp_path / "broken"), split_dir=str(tmp_path / "no-split"))
+    with pytest.raises(FileNotFoundError, match="no-split"):
+        list(launch_train_jobs([broken, broken], workers=2, progress=False))
+
+
 def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files):
     from mmtok.cli import main
 
@@ -447,8 +475,9 @@ def test_bench_ranking_writes_the_report_a_colleague_reads(tmp_path, world_files
                  "--variants", "no_content,dense,recon,ids,task_ids,faiss_rq_ids",
                  "--baselines", "faiss_rq",
                  "--epochs", "2", "--quantizer-steps", "20", "--seeds", "0,1",
-                 "--scale-sizes", "16,64", "--levels", "3", "--quiet"]) == 0
+                 "--scale-sizes", "16,64", "--levels", "3", "--jobs", "2", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_workers"] == 2
     assert set(metrics["variants"]) == {"no_content", "dense", "recon", "ids", "task_ids",
                                         "faiss_rq_ids"}
     for m in metrics["variants"].values():
