@@ -16,10 +16,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
+
+from mmtok.quiet import quiet_library_warnings
 
 
 # quantizer.TASK_SIGNALS, named here so that `mmtok --help` imports no torch (a test
@@ -448,22 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_library_warnings() -> None:
-    """Silences what TorchRec and torch print on every run of a model this size and a
-    user can do nothing about: the planner's storage warnings ("... otherwise, the job
-    will fail"), DMP's and ShardedTensor's deprecation notices, fx's tracing note."""
-    warnings.filterwarnings("ignore", module=r"torchrec\.distributed\.planner.*")
-    warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated",
-                            category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"Please use DTensor instead",
-                            category=FutureWarning)
-    for name in ("torchrec.distributed.planner", "torch.fx._symbolic_trace"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_library_warnings()
+    quiet_library_warnings()
     from mmdata.contracts import DataContractError
     from ranker.checkpoint import CheckpointError
 

@@ -342,6 +342,13 @@ def _finetune_words(tuned: dict) -> str:
             f"codes and {check['moved_loss']:.4f} with the moved ones, so the move was {verdict}.")
 
 
+def _side_by_side(workers: int | None) -> str:
+    """How the runs were scheduled (a bench before ``train_workers`` has no entry)."""
+    if not workers:
+        return ""
+    return ", one run at a time" if workers == 1 else f", {workers} runs side by side"
+
+
 def _user_cross(column: str) -> str:
     """The report's words for ``RankerConfig.user_code_cross``."""
     if column == "none":
@@ -406,7 +413,8 @@ def write_ranking_report(out_dir: Path, metrics: dict, *, title: str) -> Path:
             f"at most {ranker.epochs} epochs with early stopping on validation AUC "
             f"(patience {ranker.patience} validations {stale}), the tables held still for "
             f"{_epochs(ranker.table_warmup_epochs)} while the MLPs warm up{meda}; "
-            f"{metrics.get('nproc', 1)} process(es).",
+            f"{metrics.get('nproc', 1)} process(es) per run"
+            f"{_side_by_side(metrics.get('train_workers'))}.",
             "",
         ]
     q = metrics.get("quantizer")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mmtok.mlflow_model import log_model
+from mmtok.quiet import quiet_library_warnings
 from mmtok.tracking import flat_params, start_tracking
 from ranker.job import MODEL_DIR, TrainJob, run_train_job
 
@@ -125,7 +126,8 @@ def launch_train_jobs(jobs: list[TrainJob], *, workers: int = 1, nproc: int = 1,
                                    keep_checkpoints=keep_checkpoints)
         return
     pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                               mp_context=multiprocessing.get_context("spawn"))
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=quiet_library_warnings)
     try:
         futures = [pool.submit(launch_train_job, job, nproc=nproc, progress=False,
                                keep_checkpoints=keep_checkpoints) for job in jobs]
