@@ -11,7 +11,9 @@ process or under ``torchrun`` with ``--nproc``), and writes ``metrics.json``,
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
 from mmtok.train_cmd import default_train_workers, launch_train_jobs, log_train_run
 from quantizer import (Engagement, build_quantizer, build_quantizers, encode_items,
-                       quantizer_metrics, save_quantizer)
+                       load_quantizer, quantizer_metrics, save_quantizer)
 from ranker import RankerConfig, comparison_intervals, quantization_loss, ranking_metrics
 from quantizer.task_aware import DEFAULT_TASK_SIGNAL
 from ranker.job import MODEL_DIR, PREDICTIONS_FILE, TrainJob, interleaved_train_rates
@@ -96,8 +98,9 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     is read for, and the intervals draw the seeds too. ``timings``: earlier stages'
     seconds, reported with the bench's.
 
-    Every variant and seed is one ``TrainJob`` run by ``mmtok.train_cmd.launch_train_jobs``,
-    ``workers`` at a time (None: as many as the cores hold, see ``default_train_workers``),
+    The quantizers fit, and then every variant and seed (one ``TrainJob`` each, run by
+    ``mmtok.train_cmd.launch_train_jobs``) trains, ``workers`` at a time (None: as many
+    as the cores hold, see ``default_train_workers``),
     each here or under torchrun (``nproc``); each leaves its servable model under
     ``variants/<name>/seed-<seed>/model``, and when ``ids`` runs, ``OUT/job.toml`` is its
     first seed's job, to retrain.
@@ -139,10 +142,11 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     emb = read_embeddings(embeddings_path)
     embeddings_file = Path(embeddings_path).resolve()
     needed = {q for v in variants if (q := table[v][1])}
+    workers = workers or default_train_workers(config.num_threads, nproc)
     t = time.perf_counter()
     qmetrics, codes_files, quantizer_dirs = fit_quantizers(
         {name: q for name, q in quantizers.items() if name in needed}, emb, split.train,
-        root, seed=seed, progress=progress, log=log)
+        root, seed=seed, progress=progress, log=log, workers=workers)
     timings["quantize_s"] = time.perf_counter() - t
 
     mlflow = start_tracking(out, labels.experiment)
@@ -180,7 +184,6 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
                     replace(jobs[name][0], out=str(root / "retrain" / name)).to_toml())
             if name in THROUGHPUT_VARIANTS:
                 timed_jobs[name] = replace(job, ranker=replace(config, seed=ranker_seeds[0]))
-        workers = workers or default_train_workers(config.num_threads, nproc)
         log(f"training {len(variants)} variants x {len(ranker_seeds)} seeds, "
             f"{workers} at a time")
         trained = launch_train_jobs([j for name in variants for j in jobs[name]],
@@ -259,8 +262,29 @@ def run_bench_ranking(events_path: str | Path, embeddings_path: str | Path, out_
     return report
 
 
+def _fit_and_save(q, vectors: np.ndarray, engagement, directory: Path,
+                  progress: bool) -> tuple[Path, float]:
+    """Fits one quantizer (with the training period's engagement, for task-aware
+    tokens), saves it to ``directory``; returns the directory and the fit's seconds."""
+    started = time.perf_counter()
+    q.fit(vectors, progress=progress, **({"engagement": engagement} if engagement else {}))
+    fit_s = time.perf_counter() - started
+    return save_quantizer(q, directory), fit_s
+
+
+def _share_cores(workers: int) -> None:
+    """A fit worker's threads (torch's and faiss'): its share of the cores, so that
+    fits side by side do not oversubscribe them."""
+    import faiss
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
 def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, seed: int,
-                   progress: bool, log=print) -> tuple[dict, dict, dict]:
+                   progress: bool, log=print, workers: int = 1) -> tuple[dict, dict, dict]:
     """Fits each quantizer (name -> unfitted) on the items with training events only and
     writes every item's codes to ``root/codes/<name>.parquet`` and the quantizer to
     ``root/quantizers/<name>``; returns (metrics, codes files, quantizer dirs) by name.
@@ -269,6 +293,11 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
     the metrics are measured on them. ``task_mmtok`` (task-aware tokens) also learns
     from ``train_events``, the training period's events: nothing of the validation or
     test periods, so a cold item's codes come from its content alone.
+
+    With ``workers`` > 1 the fits run side by side in as many worker processes (every
+    fit is seeded, and its codes do not depend on the process or its thread count).
+    Either way each quantizer is measured as saved and loaded back, the quantizer the
+    ranker's jobs and the server read, and the encode rate here, one at a time.
     """
     qmetrics, codes_files, quantizer_dirs = {}, {}, {}
     trained_items = pl.scan_parquet(train_events).select(pl.col("item_id").unique()).collect()
@@ -280,16 +309,9 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
     unseen = ~seen if (~seen).sum() >= 50 else np.ones_like(seen)  # metrics need rows
     measured_on = ("items without training events" if (~seen).sum() >= 50
                    else "all items (fewer than 50 without training events)")
-    for name, q in quantizers.items():
-        fit_started = time.perf_counter()
-        if name == "task_mmtok":  # behaviour from the training period only
-            engagement = Engagement.from_events(
-                pl.read_parquet(train_events, columns=["user_id", "item_id", "label"]),
-                emb.item_ids[seen])
-            q.fit(emb.vectors[seen], progress=progress, engagement=engagement)
-        else:
-            q.fit(emb.vectors[seen], progress=progress)
-        fit_s = time.perf_counter() - fit_started
+
+    def metrics_of_fitted(name: str, q, fit_s: float) -> None:
+        """Encodes every item with the fitted ``q``, writes the codes, measures them."""
         q.encode(emb.vectors[:256])  # warm-up: the first encode of a process pays its setup
         encode_started = time.perf_counter()
         frame = encode_items(q, emb)
@@ -297,7 +319,6 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
         codes_files[name] = root / "codes" / f"{name}.parquet"
         codes_files[name].parent.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(codes_files[name])
-        quantizer_dirs[name] = save_quantizer(q, root / "quantizers" / name)
         codes = frame.select(q.code_names).to_numpy()
         qmetrics[name] = {"kind": q.kind, "code_names": q.code_names,
                           "codebook_sizes": list(q.codebook_sizes),
@@ -317,6 +338,29 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
                 (content_codes != codes).any(1).mean())
         log(f"{name}: {len(q.code_names)} IDs, rel_mse {qmetrics[name]['rel_mse']:.3f}, "
             f"recall@10 {qmetrics[name]['recall_at_10']:.3f}, fit {fit_s:.0f}s")
+
+    engagement = None
+    if "task_mmtok" in quantizers:  # behaviour from the training period only
+        engagement = Engagement.from_events(
+            pl.read_parquet(train_events, columns=["user_id", "item_id", "label"]),
+            emb.item_ids[seen])
+    fits = {name: (q, emb.vectors[seen], engagement if name == "task_mmtok" else None,
+                   root / "quantizers" / name) for name, q in quantizers.items()}
+    workers = min(workers, len(fits))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_share_cores, initargs=(workers,)) \
+        if workers > 1 else None
+    try:
+        futures = {name: pool.submit(_fit_and_save, *args, False)
+                   for name, args in fits.items()} if pool else {}
+        for name in quantizers:
+            quantizer_dirs[name], fit_s = futures[name].result() if pool \
+                else _fit_and_save(*fits[name], progress)
+            # measured as saved: the quantizer the ranker's jobs and the server load
+            metrics_of_fitted(name, load_quantizer(quantizer_dirs[name]), fit_s)
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     return qmetrics, codes_files, quantizer_dirs
 
 

@@ -458,6 +458,29 @@ def test_training_runs_side_by_side_give_the_runs_one_by_one(tmp_path, world_fil
             pl.read_parquet(Path(b.out) / PREDICTIONS_FILE))
 
 
+def test_quantizers_fit_side_by_side_as_one_by_one(tmp_path, world_files):
+    """The bench's quantizer fits in worker processes (each on its share of the cores)
+    write the same codes as the fits one by one here, and measure the same quality up
+    to the rounding of the decoder's floats, which the thread count may move."""
+    from mmdata import read_embeddings
+    from mmtok.bench_ranking import fit_quantizers
+    from quantizer import build_quantizers
+
+    emb = read_embeddings(world_files["item_embeddings"])
+
+    def fit(where: str, workers: int):
+        return fit_quantizers(build_quantizers([16, 32], 1, seed=0, steps=10), emb,
+                              world_files["split"].train, tmp_path / where, seed=0,
+                              progress=False, log=lambda _: None, workers=workers)
+
+    (alone, alone_codes, _), (pool, pool_codes, dirs) = fit("alone", 1), fit("pool", 2)
+    assert list(pool_codes) == list(alone_codes) and len(alone_codes) >= 2
+    for name in alone_codes:
+        assert pl.read_parquet(pool_codes[name]).equals(pl.read_parquet(alone_codes[name]))
+        assert pool[name]["rel_mse"] == pytest.approx(alone[name]["rel_mse"], rel=1e-6)
+        assert (dirs[name] / "quantizer.json").exists()
+
+
 def test_training_runs_side_by_side_report_a_failed_run(tmp_path, world_files):
     from mmtok.train_cmd import launch_train_jobs
 
