@@ -109,7 +109,9 @@ def launch_train_job(job: TrainJob, *, nproc: int = 1, progress: bool = True,
 def default_train_workers(num_threads: int, nproc: int = 1) -> int:
     """How many training runs fit side by side: the cores this process may use, over
     the cores one run takes (its ``num_threads`` in each of its ``nproc`` processes)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, num_threads * nproc))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1  # macOS has no affinity mask
+    return max(1, cores // max(1, num_threads * nproc))
 
 
 def launch_train_jobs(jobs: list[TrainJob], *, workers: int = 1, nproc: int = 1,

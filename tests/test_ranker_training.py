@@ -458,6 +458,18 @@ def test_training_runs_side_by_side_give_the_runs_one_by_one(tmp_path, world_fil
             pl.read_parquet(Path(b.out) / PREDICTIONS_FILE))
 
 
+def test_default_workers_share_the_cores_and_never_drop_to_zero(monkeypatch):
+    from mmtok import train_cmd
+
+    monkeypatch.setattr(train_cmd.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    assert train_cmd.default_train_workers(1) == 8
+    assert train_cmd.default_train_workers(2, nproc=2) == 2
+    assert train_cmd.default_train_workers(16) == 1  # a run wider than the machine
+    monkeypatch.delattr(train_cmd.os, "sched_getaffinity")  # as on macOS
+    monkeypatch.setattr(train_cmd.os, "cpu_count", lambda: 4)
+    assert train_cmd.default_train_workers(1) == 4
+
+
 def test_quantizers_fit_side_by_side_as_one_by_one(tmp_path, world_files):
     """The bench's quantizer fits in worker processes (each on its share of the cores)
     write the same codes as the fits one by one here, and measure the same quality up
