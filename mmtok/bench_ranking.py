@@ -11,9 +11,7 @@ process or under ``torchrun`` with ``--nproc``), and writes ``metrics.json``,
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from mmdata import ORACLE_COLUMN, read_embeddings, write_split
 from mmtok.report import write_ranking_report
 from mmtok.tracking import flat_params, start_tracking
-from mmtok.train_cmd import default_train_workers, launch_train_jobs, log_train_run
+from mmtok.train_cmd import default_train_workers, launch_train_jobs, log_train_run, worker_pool
 from quantizer import (Engagement, build_quantizer, build_quantizers, encode_items,
                        load_quantizer, quantizer_metrics, save_quantizer)
 from ranker import RankerConfig, comparison_intervals, quantization_loss, ranking_metrics
@@ -272,17 +270,6 @@ def _fit_and_save(q, vectors: np.ndarray, engagement, directory: Path,
     return save_quantizer(q, directory), fit_s
 
 
-def _share_cores(workers: int) -> None:
-    """A fit worker's threads (torch's and faiss'): its share of the cores, so that
-    fits side by side do not oversubscribe them."""
-    import faiss
-    import torch
-
-    threads = max(1, torch.get_num_threads() // workers)
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-
-
 def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, seed: int,
                    progress: bool, log=print, workers: int = 1) -> tuple[dict, dict, dict]:
     """Fits each quantizer (name -> unfitted) on the items with training events only and
@@ -347,9 +334,7 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
     fits = {name: (q, emb.vectors[seen], engagement if name == "task_mmtok" else None,
                    root / "quantizers" / name) for name, q in quantizers.items()}
     workers = min(workers, len(fits))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_share_cores, initargs=(workers,)) \
-        if workers > 1 else None
+    pool = worker_pool(workers, share_cores=True) if workers > 1 else None
     try:
         futures = {name: pool.submit(_fit_and_save, *args, False)
                    for name, args in fits.items()} if pool else {}

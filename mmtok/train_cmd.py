@@ -114,6 +114,27 @@ def default_train_workers(num_threads: int, nproc: int = 1) -> int:
     return max(1, cores // max(1, num_threads * nproc))
 
 
+def worker_pool(workers: int, *, share_cores: bool = False) -> ProcessPoolExecutor:
+    """``workers`` fresh ("spawn") worker processes for a bench's independent jobs, each
+    silencing the library warnings the command line silences. ``share_cores``: each
+    also takes its share of the cores for torch and faiss, for jobs (quantizer fits)
+    that would otherwise each use them all; a training run sets its own threads."""
+    return ProcessPoolExecutor(max_workers=workers,
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker,
+                               initargs=(workers if share_cores else 0,))
+
+
+def _start_worker(share_of: int) -> None:
+    quiet_library_warnings()
+    if share_of:
+        import faiss
+
+        threads = max(1, torch.get_num_threads() // share_of)
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
 def launch_train_jobs(jobs: list[TrainJob], *, workers: int = 1, nproc: int = 1,
                       progress: bool = True, keep_checkpoints: bool = True) -> Iterator[dict]:
     """Trains independent jobs (a bench's variants and seeds), ``workers`` at a time,
@@ -122,14 +143,12 @@ def launch_train_jobs(jobs: list[TrainJob], *, workers: int = 1, nproc: int = 1,
     More train them, quiet, in as many worker processes (started fresh, each importing
     the stack once and then taking one job after another); a run is seeded and
     single-process deterministic, so its results are those it has when run alone."""
-    if workers <= 1:
+    if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             yield launch_train_job(job, nproc=nproc, progress=progress,
                                    keep_checkpoints=keep_checkpoints)
         return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                               mp_context=multiprocessing.get_context("spawn"),
-                               initializer=quiet_library_warnings)
+    pool = worker_pool(min(workers, len(jobs)))
     try:
         futures = [pool.submit(launch_train_job, job, nproc=nproc, progress=False,
                                keep_checkpoints=keep_checkpoints) for job in jobs]
