@@ -205,12 +205,14 @@ def job_inputs(job: TrainJob, shard: Shard | None = None
     return quantizer, features, source
 
 
-def interleaved_train_rates(jobs: dict[str, TrainJob], *, steps: int = 200, rounds: int = 5,
+def interleaved_train_rates(jobs: dict[str, TrainJob], *, steps: int = 200, rounds: int = 9,
                             progress: bool = False) -> dict:
     """Training examples/s of each job, measured as a ranking engineer compares variants
     on a shared machine: windows of ``steps`` training steps (loader included, as in
     training), taken in turn across the jobs, ``rounds`` times after one warm-up round,
-    so a burst of load hits every job alike.
+    so a burst of load hits every job alike. The order reverses every round (A B, B A,
+    ...): the rates still climb for a few rounds after the warm-up, and a fixed order would
+    hand that climb to whichever job runs second.
 
     Returns ``{"steps": .., "rounds": .., "rates": {name: [ex/s per round]},
     "median": {name: ex/s}, "ratio": {name: median over rounds of name's rate over the
@@ -227,7 +229,9 @@ def interleaved_train_rates(jobs: dict[str, TrainJob], *, steps: int = 200, roun
     try:
         for round_ in tqdm(range(rounds + 1), desc="throughput", disable=not progress,
                            leave=False):
-            for name, (batches, model, sparse_opt, dense_opt, num_threads) in streams.items():
+            order = list(streams) if round_ % 2 else list(streams)[::-1]
+            for name in order:
+                batches, model, sparse_opt, dense_opt, num_threads = streams[name]
                 torch.set_num_threads(num_threads)
                 start, seen = time.perf_counter(), 0
                 for _ in range(steps):
