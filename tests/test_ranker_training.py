@@ -629,3 +629,37 @@ def test_seed_means_keep_a_metric_some_seeds_leave_empty_per_seed():
     assert mean["tables_restarted_from_epoch"] == [4, None, 5]
     both = _mean_over_seeds([{**runs[0], "tables_restarted_from_epoch": 3}, runs[0]])
     assert both["tables_restarted_from_epoch"] == 3.5
+
+
+def test_throughput_windows_take_turns_in_both_orders(monkeypatch):
+    """The interleaved throughput stage runs each job first in half of the measured rounds,
+    so rates that climb round after round favour neither, and reports one rate per round."""
+    import types
+
+    import ranker.job as job_module
+
+    order: list[str] = []
+
+    def fake_batches(name):
+        while True:
+            yield (None, None, [0] * 8, name)
+
+    monkeypatch.setattr(job_module, "job_inputs", lambda job: (None, None, job.name))
+    monkeypatch.setattr(job_module, "endless_batches",
+                        lambda source, item_id_dropout: fake_batches(source))
+    monkeypatch.setattr(job_module, "build_model", lambda features, ranker: (None, None, None))
+    monkeypatch.setattr(job_module, "train_step",
+                        lambda model, sparse_opt, dense_opt, batch: order.append(batch[3]))
+    ranker_config = types.SimpleNamespace(num_threads=1, item_id_dropout=0.0)
+    jobs = {name: types.SimpleNamespace(name=name, ranker=ranker_config)
+            for name in ("no_content", "ids")}
+    rounds, steps = 4, 3
+    result = job_module.interleaved_train_rates(jobs, steps=steps, rounds=rounds)
+    windows = [order[i] for i in range(0, len(order), steps)]  # one name per window
+    measured = [windows[i:i + 2] for i in range(2, len(windows), 2)]  # after the warm-up
+    assert len(measured) == rounds
+    firsts = [pair[0] for pair in measured]
+    assert firsts.count("no_content") == firsts.count("ids") == rounds // 2
+    assert all(sorted(pair) == ["ids", "no_content"] for pair in measured)
+    assert all(len(r) == rounds for r in result["rates"].values())
+    assert result["ratio"]["no_content"] == 1.0
