@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdata import read_embeddings
+from quantizer import Engagement
 
 
 def click_subspace(x: np.ndarray, users: np.ndarray, rows: np.ndarray, labels: np.ndarray, *,
@@ -129,12 +130,10 @@ def main() -> None:
         raise SystemExit(f"--share must be in (0, 1], got {args.share}")
     emb = read_embeddings(args.item_embeddings)
     x = emb.vectors.astype(np.float64)
-    events = pl.read_parquet(args.events, columns=["user_id", "item_id", "label"])
-    rows_of = pl.DataFrame({"item_id": emb.item_ids, "_row": np.arange(len(x))})
-    events = events.join(rows_of, on="item_id", how="inner")
-    users = events["user_id"].rank("dense").cast(pl.Int64).to_numpy() - 1
-    basis, summary = click_subspace(x, users, events["_row"].to_numpy(),
-                                    events["label"].to_numpy(), rank=args.rank,
+    engagement = Engagement.from_events(
+        pl.read_parquet(args.events, columns=["user_id", "item_id", "label"]), emb.item_ids)
+    basis, summary = click_subspace(x, engagement.users, engagement.rows,
+                                    engagement.labels, rank=args.rank,
                                     seed=args.seed, validate_every=args.validate_every,
                                     patience=args.patience)
     out, before = reweight(x, basis, args.share)

@@ -336,11 +336,14 @@ def fit_quantizers(quantizers: dict, emb, train_events: Path, root: Path, *, see
     workers = min(workers, len(fits))
     pool = worker_pool(workers, share_cores=True) if workers > 1 else None
     try:
-        futures = {name: pool.submit(_fit_and_save, *args, False)
-                   for name, args in fits.items()} if pool else {}
+        if pool:
+            futures = {name: pool.submit(_fit_and_save, *args, False)
+                       for name, args in fits.items()}
         for name in quantizers:
-            quantizer_dirs[name], fit_s = futures[name].result() if pool \
-                else _fit_and_save(*fits[name], progress)
+            if pool:
+                quantizer_dirs[name], fit_s = futures[name].result()
+            else:
+                quantizer_dirs[name], fit_s = _fit_and_save(*fits[name], progress)
             # measured as saved: the quantizer the ranker's jobs and the server load
             metrics_of_fitted(name, load_quantizer(quantizer_dirs[name]), fit_s)
     finally:

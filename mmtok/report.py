@@ -261,8 +261,9 @@ def _summary(metrics: dict) -> list[str]:
         one_pass = v["ids"]["train_examples_per_s"] / v["no_content"]["train_examples_per_s"]
         out.append(f"- Training throughput of `ids` is **{throughput['ratio']['ids']:.2f}x** "
                    f"`no_content`'s (median over {throughput['rounds']} rounds of "
-                   f"{throughput['steps']}-step windows taken in turn, the order reversed every "
-                   f"round, so load on a shared machine hits both alike; {throughput['median']['ids']:,.0f} against "
+                   f"{throughput['steps']}-step windows taken in turn, the order reversed "
+                   f"every round, so load on a shared machine hits both alike; "
+                   f"{throughput['median']['ids']:,.0f} against "
                    f"{throughput['median']['no_content']:,.0f} examples/s; the training "
                    f"runs themselves, one pass each, gave {one_pass:.2f}x).")
     elif "ids" in v and "no_content" in v and v["no_content"].get("train_examples_per_s"):
