@@ -85,7 +85,7 @@ def run_bench_quantizer(embeddings_path: str | Path, out_dir: str | Path, *,
         if progress:
             print(f"{name:>9}: bits {metrics['bits']:.0f}  rel_mse {metrics['rel_mse']:.4f}  "
                   f"recall@10 {metrics['recall_at_10']:.4f}  tau {metrics['kendall_tau']:.4f}  "
-                  f"util {metrics['utilization']:.3f}  fit {fit_s:.1f}s", flush=True)
+                  f"util {metrics['utilization']:.3f}  fit {metrics['fit_s']:.1f}s", flush=True)
         if name == "mmtok":
             save_quantizer(q, out / "mmtok_quantizer")
     report = {

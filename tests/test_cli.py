@@ -94,12 +94,14 @@ def test_each_job_logs_to_its_own_run_directory_unless_the_user_names_a_store(tm
     assert len(mlflow.search_runs(experiment_names=["exp-c"])) == 2
 
 
-def test_data_featurize_quantize_commands(tmp_path):
+def test_data_featurize_quantize_commands(tmp_path, capsys):
     assert main(["data", "synthetic", "--out", str(tmp_path / "w"), "--items", "500",
                  "--users", "100", "--events", "3000", "--dim", "16", "--quiet"]) == 0
+    # not --quiet: the per-quantizer lines a user watches are printed too
     assert main(["bench-quantizer", "--embeddings", str(tmp_path / "w" / "item_embeddings.parquet"),
-                 "--out", str(tmp_path / "bq"), "--scale-sizes", "4,8", "--steps", "30",
-                 "--quiet"]) == 0
+                 "--out", str(tmp_path / "bq"), "--scale-sizes", "4,8", "--steps", "30"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{name:>9}: bits" in printed for name in ("mmtok", "faiss_rq", "lsh")), printed
     bench = json.loads((tmp_path / "bq" / "metrics.json").read_text())
     assert set(bench["quantizers"]) == {"mmtok", "faiss_rq", "faiss_pq", "kmeans", "lsh"}
     for name, m in bench["quantizers"].items():
