@@ -412,8 +412,7 @@ class MmDictQuantizer:
             z = net.encoder(x)
             # a cascade starts from faiss' residual quantizer trainer (beam search), which
             # generalises better than greedy per-level k-means (power-of-two sizes only)
-            books = train_rq_codebooks(z.numpy(), self.codebook_sizes) \
-                if cfg.mode == "cascade" else None
+            books = self._start_codebooks(x, z, mean, axes) if cfg.mode == "cascade" else None
             residual = z.clone()
             for s, levels in enumerate(net._scale_slices()):
                 if cfg.mode == "parallel":
@@ -435,6 +434,26 @@ class MmDictQuantizer:
                 decoder_w = torch.cat([decoder_w / len(cfg.scale_sizes)] * len(cfg.scale_sizes), 1)
             net.decoder.weight.copy_(decoder_w)
             net.decoder.bias.copy_(mean)
+
+    def _start_codebooks(self, x: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
+                         axes: torch.Tensor) -> list[np.ndarray] | None:
+        """faiss' residual quantizer codebooks, in the latent, for a cascade's start.
+
+        A content-only encoder is ``z = (x - mean) @ axes.T``, so faiss is trained where
+        the ``faiss_rq`` baseline is, on the input rows themselves, and its codebooks are
+        mapped through that map (the first level's less the mean). With a full-width
+        latent the start is then the baseline's own codes: whatever the refinement and
+        the gradient steps keep is measured against faiss RQ, not against another faiss
+        fit on rotated rows, which on small data scores differently. A task-aligned
+        encoder re-weights the latent on purpose, so faiss is trained in it instead."""
+        if self._aligned_axes is not None:
+            return train_rq_codebooks(z.numpy(), self.codebook_sizes)
+        books = train_rq_codebooks(x.numpy(), self.codebook_sizes)
+        if books is None:
+            return None
+        mapped = [torch.from_numpy(book) @ axes.T for book in books]
+        mapped[0] = mapped[0] - mean @ axes.T
+        return [book.numpy() for book in mapped]
 
     def _principal_axes(self, x: torch.Tensor) -> torch.Tensor:
         """(latent, d): the principal axes of ``x``, the content-only encoder."""
