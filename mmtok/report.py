@@ -316,10 +316,20 @@ def _task_section(metrics: dict) -> list[str]:
                      f"{_fmt(q['rel_mse'])} | {_fmt(q['recall_at_10'])} | "
                      f"{'-' if moved is None else f'{moved:.0%}'} |")
     if align:
-        stop = (f"skipped: {align['skipped']}" if "skipped" in align else
-                f"best of {align['steps_run']} steps at step {align['best_step']}, held-out "
-                f"items' loss {align['valid_loss_init']:.4f} -> {align['valid_loss_best']:.4f}, "
-                f"{align['variance_moved']:.0%} of the latent's variance moved between axes")
+        if "skipped" in align:
+            stop = f"skipped: {align['skipped']}"
+        elif "id_check" in align:
+            check = align["id_check"]
+            stop = (f"codes cut in the click model's metric ({align['tuples_moved']:.0%} of "
+                    f"the tuples re-cut) {'kept' if align['kept'] else 'not kept'}: a click "
+                    f"model that knows items by their IDs alone scored the held-out items' "
+                    f"clicks {check['metric_loss']:.4f} with them against "
+                    f"{check['content_loss']:.4f} with the content's codes")
+        else:
+            stop = (f"best of {align['steps_run']} steps at step {align['best_step']}, held-out "
+                    f"items' loss {align['valid_loss_init']:.4f} -> "
+                    f"{align['valid_loss_best']:.4f}, {align['variance_moved']:.0%} of the "
+                    "latent's variance moved between axes")
         lines += ["", f"Alignment ({align['signal']}, on {align['held_out_items']:,} held-out "
                   f"items' events to stop): {stop}.{_finetune_words(tuned)} \"tuples moved\": "
                   "items whose code tuple differs from the content-only one. rel_mse and "

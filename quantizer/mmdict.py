@@ -235,6 +235,13 @@ class MultiScaleResidualQuantizer(nn.Module):
         return [[j for levels in self._scale_slices() for j in levels[:depth + 1]]
                 for depth in range(self.config.levels)]
 
+    def id_groups(self) -> list[list[int]]:
+        """The code columns a ranker knows an item by: every code alone, then each scale's
+        chain of levels (its prefix n-grams: s0 s1, m0 m1, ...)."""
+        singles = [[j] for j in range(self.n_codes)]
+        return singles + [list(levels[:depth + 1]) for levels in self._scale_slices()
+                          for depth in range(1, len(levels))]
+
     def quantize(self, z: torch.Tensor, *, training: bool = False):
         """Nearest codes (greedy, or by beam search), scale by scale, level by level.
 
@@ -435,6 +442,22 @@ class MmDictQuantizer:
             net.decoder.weight.copy_(decoder_w)
             net.decoder.bias.copy_(mean)
 
+    def _start_codes(self, x: torch.Tensor, axes: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, list[list[int]]]:
+        """The codes of ``x``'s rows under the fit's start (faiss' or k-means' codebooks,
+        no refinement) on the encoder ``axes`` (None: the content's own), and the code
+        columns a ranker reads them by; what a task-aware encoder is judged on."""
+        kept = self.net, self._aligned_axes
+        try:
+            torch.manual_seed(self.config.seed)
+            self.net = MultiScaleResidualQuantizer(x.shape[1], self.config)
+            self._aligned_axes = axes
+            with single_threaded(), torch.no_grad():
+                self._init_from_data(x)
+                return self.net.search_codes(self.net.encoder(x)), self.net.id_groups()
+        finally:
+            self.net, self._aligned_axes = kept
+
     def _start_codebooks(self, x: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
                          axes: torch.Tensor) -> list[np.ndarray] | None:
         """faiss' residual quantizer codebooks, in the latent, for a cascade's start.
@@ -584,9 +607,9 @@ class MmDictQuantizer:
                 axes = self._principal_axes(x_all)
                 self._aligned_axes, click_model, alignment = align_encoder(
                     x_all, axes, engagement, align_config, data_seed=data_seed,
-                    progress=progress)
-                if not alignment["best_step"]:  # nothing generalised: the content's own
-                    self._aligned_axes = None   # encoder, bit for bit (no rescaling drift)
+                    progress=progress, cut_codes=lambda a: self._start_codes(x_all, a))
+                if not alignment["kept"]:  # nothing generalised: the content's own
+                    self._aligned_axes = None  # encoder, bit for bit (no rescaling drift)
         generator = torch.Generator().manual_seed(cfg.seed)
         n_valid = min(int(len(x_np) * cfg.validation_fraction), cfg.validation_max_rows)
         if len(x_np) - n_valid < max(cfg.scale_sizes) or n_valid < 32:

@@ -14,17 +14,21 @@ Two signals (``TASK_SIGNALS``):
   contrastive loss (InfoNCE over negative squared latent distances, learned temperature),
   as QARM aligns with item-to-item engagement and LETTER adds collaborative alignment to
   an RQ-VAE.
-* ``"clicks"``: a small click model, a learned vector and bias per user dotted with the
-  item's latent, trained with the click loss on every training event, as Baidu's
-  supervised visual IDs learn the quantization from clicks. With a linear encoder the
-  straight-through estimator hands the encoder the gradient at the latent the codes are
-  cut from, so the click model reads that latent; the codebooks are then fitted to it.
+* ``"clicks"``: a small click model, a learned vector and bias per user dotted with a
+  low-rank projection of the item's latent, trained with the click loss on the training
+  events, as Baidu's supervised visual IDs learn the quantization from clicks. The
+  encoder then becomes the click model's metric (``click_metric_axes``): two items are
+  as far apart as users' expected clicks on them differ, so the codes spend their bits
+  on what changes clicks, not on the content's loudest variation. Then the click loss
+  end to end through the codes (``finetune_through_codes``).
 
 The alignment may only move variance between directions: the latent's total variance
-is held at the content PCA's, so it cannot win by growing. How far it moves is decided
-on held-out *items* (a share of the fit rows, chosen from the data's hash): training
-stops when the held-out items' loss stops improving, and the best step is kept, so the
-alignment goes exactly as far as it generalises through the content to unseen items.
+is held at the content PCA's, so it cannot win by growing. Whether it is kept is decided
+on held-out *items* (a share of the fit rows, chosen from the data's hash): the contrastive
+training stops when their loss stops improving and keeps the best step; the click metric
+is kept only if a click model that knows items by their IDs alone, as a ranker does,
+predicts their clicks better from the codes cut there than from the content's codes. So
+the alignment goes exactly as far as it generalises through the content to unseen items.
 """
 
 from __future__ import annotations
@@ -134,12 +138,14 @@ class ClickModel(torch.nn.Module):
     def __init__(self, n_users: int, latent: int, rank: int, latent_variance: float) -> None:
         super().__init__()
         self.users = torch.nn.Embedding(n_users, rank)
-        torch.nn.init.zeros_(self.users.weight)
+        torch.nn.init.normal_(self.users.weight, std=1 / math.sqrt(rank))
         self.user_bias = torch.nn.Embedding(n_users, 1)
         torch.nn.init.zeros_(self.user_bias.weight)
         self.bias = torch.nn.Parameter(torch.zeros(()))
+        # the projection starts at zero, so it reads only the content directions the
+        # clicks taught it (``click_metric_axes`` is built from it)
         self.projection = torch.nn.Linear(latent, rank, bias=False)
-        torch.nn.init.normal_(self.projection.weight, std=1 / math.sqrt(latent))
+        torch.nn.init.zeros_(self.projection.weight)
         self.scale = math.sqrt(latent / latent_variance)  # unit variance per latent axis
 
     def forward(self, users: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -188,14 +194,24 @@ def _click_loss(enc: _AlignedEncoder, x: torch.Tensor, users: torch.Tensor, rows
 
 
 def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
-                  config: AlignmentConfig, *, data_seed: int, progress: bool = False
-                  ) -> tuple[torch.Tensor, ClickModel, dict]:
-    """Trains the linear encoder ``axes`` (latent, d) on ``engagement`` over the rows of
-    ``x`` (n, d); returns the aligned weight (latent, d), the click model (trained with
-    "clicks"; untouched otherwise), and a summary (steps, best step, held-out loss before
-    and after, pairs or events used).
+                  config: AlignmentConfig, *, data_seed: int, progress: bool = False,
+                  cut_codes=None) -> tuple[torch.Tensor, ClickModel, dict]:
+    """Aligns the linear encoder ``axes`` (latent, d) with ``engagement`` over the rows
+    of ``x`` (n, d); returns the aligned weight (latent, d), the click model (trained with
+    "clicks"; untouched otherwise), and a summary (what was tried, the held-out losses,
+    pairs or events used, and ``kept``: whether the aligned encoder replaces the content's).
+
+    "co_engagement" trains the encoder by gradient steps, stopped on the held-out items.
+    "clicks" puts the encoder in the click model's metric (``click_metric_axes``) and
+    keeps it only if the codes cut there let a click model that knows items by their IDs
+    alone (``id_click_losses``) predict the held-out items' clicks better than the
+    content's codes do: ``cut_codes(axes or None)`` returns the quantizer's start codes
+    of every row of ``x`` on those axes (None: the content's own), and the code columns
+    a ranker reads them by.
 
     ``data_seed`` picks the held-out items (the fit derives it from the input's hash)."""
+    if config.signal == "clicks" and cut_codes is None:
+        raise ValueError("the clicks signal needs cut_codes to judge its encoder by")
     torch.manual_seed(config.seed)
     mean = x.mean(0)
     centered = x - mean
@@ -223,7 +239,7 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
     summary = {"signal": config.signal, "held_out_items": n_valid, **used,
                "steps_run": 0, "best_step": 0}
     if len(train) < config.batch_size // 4 or len(valid) < 32:
-        summary["skipped"] = "too little engagement to align on"
+        summary.update(skipped="too little engagement to align on", kept=False)
         return axes.clone(), enc.clicks, summary
     batch = min(config.batch_size, len(train))
 
@@ -254,20 +270,67 @@ def align_encoder(x: torch.Tensor, axes: torch.Tensor, engagement: Engagement,
     first = _until_stale(enc, torch.optim.Adam(head, lr=config.lr), step_once, valid_losses,
                          config, progress=progress, desc="click model on content"
                          if config.signal == "clicks" else "contrastive temperature")
-    second = _until_stale(enc, torch.optim.Adam(enc.parameters(), lr=config.lr), step_once,
-                          valid_losses, config, progress=progress,
-                          desc=f"align encoder ({config.signal})", best=first["losses"])
-    summary.update(head_steps=first["steps_run"], steps_run=second["steps_run"],
-                   best_step=second["best_step"], valid_loss_init=first["best"],
-                   valid_loss_best=second["best"])
+    summary.update(head_steps=first["steps_run"], valid_loss_init=first["best"])
+    if config.signal == "clicks":
+        # The click model's metric: no gradient step on the encoder (a linear click
+        # model reads any invertible re-weighting of the latent equally well, so its
+        # held-out loss cannot choose one); judged through the codes instead.
+        candidate = click_metric_axes(enc.clicks, axes, cov, engagement, ~held)
+        content_codes, groups = cut_codes(None)
+        metric_codes, _ = cut_codes(candidate)
+        check = {name: id_click_losses(codes, groups, engagement, held, config)
+                 for name, codes in (("content", content_codes), ("metric", metric_codes))}
+        kept = significantly_lower(check["metric"], check["content"])
+        summary.update(kept=kept, id_check={"content_loss": float(check["content"].mean()),
+                                            "metric_loss": float(check["metric"].mean())},
+                       tuples_moved=float((content_codes != metric_codes).any(1)
+                                          .float().mean()))
+        weight = candidate if kept else axes.clone()
+    else:
+        second = _until_stale(enc, torch.optim.Adam(enc.parameters(), lr=config.lr), step_once,
+                              valid_losses, config, progress=progress,
+                              desc=f"align encoder ({config.signal})", best=first["losses"])
+        summary.update(steps_run=second["steps_run"], best_step=second["best_step"],
+                       valid_loss_best=second["best"], kept=second["best_step"] > 0)
+        with torch.no_grad():
+            weight = enc.scaled_weight().detach().clone()
 
     with torch.no_grad():
-        weight = enc.scaled_weight().detach().clone()
         # how far the latent's variance moved between the content's principal axes
         share = torch.einsum("ld,de,le->l", weight, cov, weight) / enc.target
         base = torch.einsum("ld,de,le->l", axes, cov, axes) / enc.target
         summary["variance_moved"] = float(0.5 * (share - base).abs().sum())
     return weight, enc.clicks, summary
+
+
+@torch.no_grad()
+def click_metric_axes(clicks: ClickModel, axes: torch.Tensor, cov: torch.Tensor,
+                      engagement: Engagement, fit_items: torch.Tensor) -> torch.Tensor:
+    """(latent, d): the encoder under which the distance between two items is how
+    differently the click model expects users to click on them.
+
+    The click model scores user u on item x by ``<e_u, R (x - mean)>`` (plus biases), R
+    the read map of its projection through the content encoder ``axes``. Averaged over
+    the training events of the ``fit_items`` ((n,) bool) users, the squared gap between
+    two items' scores is ``(x_i - x_j)^T M (x_i - x_j)`` with ``M = R^T E[e_u e_u^T] R``;
+    the encoder is ``M``'s square root, its most weighted directions first (a direction
+    no user's vector loads on gets none of the latent), rescaled to the content
+    encoder's total variance. Codes cut there spend their bits on what changes clicks."""
+    read = (clicks.projection.weight @ axes * clicks.scale).double()  # (rank, d)
+    users = torch.from_numpy(engagement.users)[fit_items[torch.from_numpy(engagement.rows)]]
+    counts = torch.bincount(users, minlength=clicks.users.num_embeddings).double()
+    vectors = clicks.users.weight.double()
+    second = (vectors * counts[:, None]).T @ vectors / counts.sum().clamp_min(1.0)
+    metric = read.T @ second @ read  # (d, d)
+    values, vectors = torch.linalg.eigh(metric)
+    values, vectors = values.flip(0), vectors.flip(1)
+    values = torch.where(values > values[0] * 1e-8, values, torch.zeros_like(values))
+    latent = axes.shape[0]
+    weight = (vectors[:, :latent] * values[:latent].sqrt()).T  # (latent, d)
+    cov = cov.double()
+    target = torch.einsum("ld,de,le->", axes.double(), cov, axes.double())
+    total = torch.einsum("ld,de,le->", weight, cov, weight).clamp_min(1e-30)
+    return (weight * torch.sqrt(target / total)).float()
 
 
 def _until_stale(module: torch.nn.Module, opt: torch.optim.Optimizer, step_once, valid_losses,
