@@ -4,7 +4,7 @@
 
 Builds (once, cached under --out) the embeddings of
   * movielens:  MiniLM embeddings of the 1,682 MovieLens-100K movie texts (real text);
-  * docstrings: MiniLM embeddings of 10,000 docstrings of the installed Python sources
+  * docstrings: MiniLM embeddings of 50,000 docstrings of the installed Python sources
                 (real English text, built offline);
   * synthetic:  the synthetic world's 50,000 x 384 content embeddings;
 runs `mmtok bench-quantizer` on each at the default codebooks (16/64/256 x 2 levels,
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+import polars as pl
 
 from featurizer import embed_items, minilm_text_encoder
 from mmdata import SyntheticWorldConfig, generate_world, load_movielens_100k, write_embeddings
@@ -30,6 +32,10 @@ def build_corpora(out: Path, n_docstrings: int, n_synthetic: int) -> dict[str, P
     encoder = None
     for name, path in paths.items():
         if path.exists():
+            rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+            if name == "docstrings" and rows != n_docstrings:
+                raise SystemExit(f"{path} holds {rows:,} docstrings, not the {n_docstrings:,} "
+                                 f"asked for: pass --docstrings {rows} or delete it to rebuild")
             continue
         t = time.perf_counter()
         if name == "synthetic":
@@ -47,7 +53,7 @@ def build_corpora(out: Path, n_docstrings: int, n_synthetic: int) -> dict[str, P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quantizer"))
-    parser.add_argument("--docstrings", type=int, default=10_000)
+    parser.add_argument("--docstrings", type=int, default=50_000)
     parser.add_argument("--synthetic", type=int, default=50_000)
     parser.add_argument("--corpora", default="movielens,docstrings,synthetic")
     parser.add_argument("--seed", type=int, default=0)
