@@ -681,9 +681,13 @@ class MmDictQuantizer:
             net.eval()
             self.net = net.cpu()
             return found
-        slow = list(net.encoder.parameters()) + list(net.codebooks.parameters())
-        slow_ids = {id(p) for p in slow}
-        fast = [p for p in net.parameters() if id(p) not in slow_ids]
+        # A task-aligned encoder stays where the alignment put it: these steps' objective
+        # (rebuilding the content) would pull it back towards the content's own axes.
+        frozen = list(net.encoder.parameters()) if self._aligned_axes is not None else []
+        slow = [*(p for p in net.encoder.parameters() if not frozen),
+                *net.codebooks.parameters()]
+        skip = {id(p) for p in slow + frozen}
+        fast = [p for p in net.parameters() if id(p) not in skip]
         opt = torch.optim.Adam([{"params": slow, "lr": cfg.lr_codebooks},
                                 {"params": fast, "lr": cfg.lr}])
         batch = min(cfg.batch_size, len(x_train))

@@ -9,8 +9,8 @@ import torch
 
 from mmdata import write_split
 from quantizer import TASK_SIGNALS, Engagement, MmDictConfig, MmDictQuantizer
-from quantizer.task_aware import (DEFAULT_TASK_SIGNAL, AlignmentConfig, held_out_items,
-                                  id_click_losses)
+from quantizer.task_aware import (DEFAULT_TASK_SIGNAL, AlignmentConfig, align_encoder,
+                                  held_out_items, id_click_losses)
 
 
 def _taste_world(n_items=1500, n_users=300, n_events=30_000, seed=0):
@@ -59,11 +59,23 @@ def test_engagement_keeps_the_fit_rows_events_and_pairs_one_users_clicks():
 
 
 @pytest.mark.parametrize("signal", TASK_SIGNALS)
-def test_alignment_spends_the_codes_on_what_users_click(signal):
+def test_alignment_spends_the_codes_on_what_users_click(signal, monkeypatch):
+    import quantizer.mmdict as mmdict
+
+    aligned = {}
+
+    def spy(*args, **kwargs):
+        aligned["weight"], clicks, summary = align_encoder(*args, **kwargs)
+        return aligned["weight"], clicks, summary
+
+    monkeypatch.setattr(mmdict, "align_encoder", spy)
     x, cls, events = _taste_world()
     eng = Engagement.from_events(events, np.arange(len(x)))
     content = MmDictQuantizer(_config()).fit(x)
     task = MmDictQuantizer(_config(task_signal=signal)).fit(x, engagement=eng)
+    if not task.training_summary.get("task_finetune", {}).get("best_step"):
+        # the fit's own steps (rebuilding the content) leave the aligned encoder as it is
+        assert torch.equal(task.net.encoder.weight, aligned["weight"])
     align = task.training_summary["task_alignment"]
     assert align["signal"] == signal and align["kept"]
     if signal == "clicks":  # the codes cut in the click model's metric, judged by IDs alone
