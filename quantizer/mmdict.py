@@ -683,10 +683,9 @@ class MmDictQuantizer:
             return found
         # A task-aligned encoder stays where the alignment put it: these steps' objective
         # (rebuilding the content) would pull it back towards the content's own axes.
-        frozen = list(net.encoder.parameters()) if self._aligned_axes is not None else []
-        slow = [*(p for p in net.encoder.parameters() if not frozen),
-                *net.codebooks.parameters()]
-        skip = {id(p) for p in slow + frozen}
+        encoder = [] if self._aligned_axes is not None else list(net.encoder.parameters())
+        slow = encoder + list(net.codebooks.parameters())
+        skip = {id(p) for p in [*net.encoder.parameters(), *slow]}
         fast = [p for p in net.parameters() if id(p) not in skip]
         opt = torch.optim.Adam([{"params": slow, "lr": cfg.lr_codebooks},
                                 {"params": fast, "lr": cfg.lr}])

@@ -322,11 +322,11 @@ def click_metric_axes(clicks: ClickModel, axes: torch.Tensor, cov: torch.Tensor,
     vectors = clicks.users.weight.double()
     second = (vectors * counts[:, None]).T @ vectors / counts.sum().clamp_min(1.0)
     metric = read.T @ second @ read  # (d, d)
-    values, vectors = torch.linalg.eigh(metric)
-    values, vectors = values.flip(0), vectors.flip(1)
+    values, directions = torch.linalg.eigh(metric)
+    values, directions = values.flip(0), directions.flip(1)  # most weighted first
     values = torch.where(values > values[0] * 1e-8, values, torch.zeros_like(values))
     latent = axes.shape[0]
-    weight = (vectors[:, :latent] * values[:latent].sqrt()).T  # (latent, d)
+    weight = (directions[:, :latent] * values[:latent].sqrt()).T  # (latent, d)
     cov = cov.double()
     target = torch.einsum("ld,de,le->", axes.double(), cov, axes.double())
     total = torch.einsum("ld,de,le->", weight, cov, weight).clamp_min(1e-30)
