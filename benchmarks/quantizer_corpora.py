@@ -30,12 +30,13 @@ def build_corpora(out: Path, n_docstrings: int, n_synthetic: int) -> dict[str, P
              for name in ("movielens", "docstrings", "synthetic")}
     paths["movielens"].parent.mkdir(parents=True, exist_ok=True)
     encoder = None
+    asked = {"docstrings": n_docstrings, "synthetic": n_synthetic}  # the sized corpora
     for name, path in paths.items():
         if path.exists():
             rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-            if name == "docstrings" and rows != n_docstrings:
-                raise SystemExit(f"{path} holds {rows:,} docstrings, not the {n_docstrings:,} "
-                                 f"asked for: pass --docstrings {rows} or delete it to rebuild")
+            if name in asked and rows != asked[name]:
+                raise SystemExit(f"{path} holds {rows:,} rows, not the {asked[name]:,} asked "
+                                 f"for: pass --{name} {rows} or delete it to rebuild")
             continue
         t = time.perf_counter()
         if name == "synthetic":
